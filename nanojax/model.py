@@ -1,0 +1,355 @@
+"""The nanochat GPT as a Flax NNX module (SPEC sections 1-3).
+
+    model = GPT(GPTConfig(...), rngs=nnx.Rngs(0))
+    logits_BTV = model(idx_BT)                       # float32, softcapped, padding removed
+    loss = model.loss(idx_BT, targets_BT)            # targets -1 are ignored
+
+Linear kernels are stored (in, out), the JAX way; nanochat stores (out, in). `load_nanochat_params`
+and `nanochat_state_dict` translate between the two naming schemes.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from nanojax.common import UserError
+
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input
+SOFTCAP = 15.0
+ROTARY_BASE = 10_000
+RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default, whatever the compute dtype
+ROTARY_OVERSIZE = 10  # nanochat precomputes rotary tables for 10x the sequence length
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: change --head-dim"
+            )
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            raise UserError(f"window pattern {self.window_pattern!r} must be made of S and L, e.g. SSSL")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / 64) * 64
+
+    def window_sizes(self) -> list[int]:
+        """Keys each layer's query t sees: t - window <= t' <= t. The last layer is always long."""
+        pattern = self.window_pattern.upper()
+        long, short = self.sequence_len, self.sequence_len // 2
+        sizes = [long if pattern[i % len(pattern)] == "L" else short for i in range(self.n_layer)]
+        sizes[-1] = long
+        return sizes
+
+    def has_value_embed(self, layer: int) -> bool:
+        return layer % 2 == (self.n_layer - 1) % 2
+
+
+def config_from_depth(
+    depth: int,
+    *,
+    aspect_ratio: int = 64,
+    head_dim: int = 128,
+    max_seq_len: int = 2048,
+    vocab_size: int = 32768,
+    window_pattern: str = "SSSL",
+    n_kv_head: int | None = None,
+) -> GPTConfig:
+    """nanochat's sizing from --depth/--aspect-ratio/--head-dim (SPEC 1)."""
+    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = model_dim // head_dim
+    return GPTConfig(
+        sequence_len=max_seq_len,
+        vocab_size=vocab_size,
+        n_layer=depth,
+        n_head=n_head,
+        n_kv_head=n_kv_head or n_head,
+        n_embd=model_dim,
+        window_pattern=window_pattern,
+    )
+
+
+@lru_cache(maxsize=8)
+def rotary_tables(seq_len: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of shape (seq_len, head_dim/2), rounded to bfloat16 as nanochat keeps them, held in float32."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    # torch's float32 pow is correctly rounded; numpy's can be off by an ulp, which bf16 rounding can expose.
+    inv_freq = np.float32(1.0) / (np.float64(ROTARY_BASE) ** exponents.astype(np.float64)).astype(np.float32)
+    freqs = np.outer(np.arange(seq_len, dtype=np.float32), inv_freq)
+    bf16 = ml_dtypes.bfloat16
+    return np.cos(freqs).astype(bf16).astype(np.float32), np.sin(freqs).astype(bf16).astype(np.float32)
+
+
+def rms_norm(x, eps=RMS_EPS):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def apply_rotary(x_BTHD, cos_TD, sin_TD):
+    d = x_BTHD.shape[-1] // 2
+    x1, x2 = x_BTHD[..., :d], x_BTHD[..., d:]
+    cos, sin = cos_TD[None, :, None, :], sin_TD[None, :, None, :]
+    return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1).astype(x_BTHD.dtype)
+
+
+def attention_mask(q_pos, k_pos, window: int):
+    """Causal, and within `window` keys back: query t sees t' with t - window <= t' <= t."""
+    delta = q_pos[:, None] - k_pos[None, :]
+    return (delta >= 0) & (delta <= window)
+
+
+def uniform_init(scale: float):
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -scale, scale)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear without bias; full float32 precision when computing in float32 (no TF32 on GPUs)."""
+
+    def __init__(self, d_in, d_out, *, init, dtype, param_dtype, rngs):
+        precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+        super().__init__(
+            d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
+            precision=precision, rngs=rngs,
+        )  # fmt: skip
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: GPTConfig, layer: int, *, rngs, dtype, param_dtype):
+        d, hd = config.n_embd, config.head_dim
+        s = math.sqrt(3) / math.sqrt(d)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, hd
+        self.c_q = Linear(d, config.n_head * hd, init=uniform_init(s), **kw)
+        self.c_k = Linear(d, config.n_kv_head * hd, init=uniform_init(s), **kw)
+        self.c_v = Linear(d, config.n_kv_head * hd, init=uniform_init(s), **kw)
+        self.c_proj = Linear(d, d, init=nnx.initializers.zeros, **kw)
+        has_ve = config.has_value_embed(layer)
+        self.ve_gate = (
+            Linear(VE_GATE_CHANNELS, config.n_kv_head, init=nnx.initializers.zeros, **kw) if has_ve else None
+        )
+
+    def qkv(self, x_BTD, ve_BTC, cos_TD, sin_TD):
+        """Project, add the gated value embedding, rotate and QK-norm (rotary first, as nanochat)."""
+        B, T, _ = x_BTD.shape
+        q_BTHD = self.c_q(x_BTD).reshape(B, T, self.n_head, self.head_dim)
+        k_BTKD = self.c_k(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
+        v_BTKD = self.c_v(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
+        if ve_BTC is not None:
+            gate_BTK = 2 * jax.nn.sigmoid(self.ve_gate(x_BTD[..., :VE_GATE_CHANNELS]))
+            v_BTKD = v_BTKD + gate_BTK[..., None] * ve_BTC.reshape(v_BTKD.shape).astype(v_BTKD.dtype)
+        q_BTHD = rms_norm(apply_rotary(q_BTHD, cos_TD, sin_TD))
+        k_BTKD = rms_norm(apply_rotary(k_BTKD, cos_TD, sin_TD))
+        return q_BTHD, k_BTKD, v_BTKD
+
+    def attend(self, q_BTHD, k_BSKD, v_BSKD, mask_TS):
+        """Softmax attention in float32; each kv head serves n_head / n_kv_head query heads (GQA)."""
+        B, T, H, D = q_BTHD.shape
+        K = self.n_kv_head
+        q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+        scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, precision=self.c_q.precision)
+        scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(D)
+        scores_BKGTS = jnp.where(mask_TS, scores_BKGTS, -jnp.inf)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
+        y_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD, precision=self.c_q.precision)
+        return self.c_proj(y_BTKGD.reshape(B, T, H * D))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs, dtype, param_dtype):
+        d = config.n_embd
+        s = math.sqrt(3) / math.sqrt(d)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_fc = Linear(d, 4 * d, init=uniform_init(s), **kw)
+        self.c_proj = Linear(4 * d, d, init=nnx.initializers.zeros, **kw)
+
+    def __call__(self, x_BTD):
+        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x_BTD))))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: GPTConfig, layer: int, *, rngs, dtype, param_dtype):
+        self.attn = Attention(config, layer, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if config.has_value_embed(layer):
+            kv_dim = config.n_kv_head * config.head_dim
+            s = math.sqrt(3) / math.sqrt(config.n_embd)
+            self.value_embed = nnx.Param(
+                uniform_init(s)(rngs.params(), (config.padded_vocab_size, kv_dim), param_dtype)
+            )
+        else:
+            self.value_embed = None
+
+
+class GPT(nnx.Module):
+    def __init__(
+        self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):  # fmt: skip
+        self.config = config
+        self.dtype = dtype
+        V, D, L = config.padded_vocab_size, config.n_embd, config.n_layer
+        self.wte = nnx.Param(jax.random.normal(rngs.params(), (V, D), param_dtype))
+        self.blocks = nnx.List(
+            [Block(config, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for i in range(L)]
+        )
+        self.lm_head = Linear(
+            D, V, init=nnx.initializers.normal(0.001), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.resid_lambdas = nnx.Param(jnp.ones((L,), param_dtype))
+        self.x0_lambdas = nnx.Param(jnp.full((L,), 0.1, param_dtype))
+
+    def __call__(self, idx_BT):
+        """Logits (B, T, vocab_size) in float32, softcapped."""
+        B, T = idx_BT.shape
+        rotary_len = self.config.sequence_len * ROTARY_OVERSIZE
+        if T > rotary_len:
+            raise UserError(
+                f"sequence of {T} tokens is longer than the rotary table ({rotary_len} = 10 x sequence_len): "
+                "use a shorter prompt or a model with a larger --max-seq-len"
+            )
+        cos_TD, sin_TD = (jnp.asarray(t[:T]) for t in rotary_tables(rotary_len, self.config.head_dim))
+        pos = jnp.arange(T)
+        masks = {w: attention_mask(pos, pos, w) for w in set(self.config.window_sizes())}
+
+        x_BTD = rms_norm(self.wte[...][idx_BT]).astype(self.dtype)
+        x0_BTD = x_BTD
+        for i, (block, window) in enumerate(zip(self.blocks, self.config.window_sizes(), strict=True)):
+            ve_BTC = block.value_embed[...][idx_BT] if block.value_embed is not None else None
+            x_BTD = self.resid_lambdas[i] * x_BTD + self.x0_lambdas[i] * x0_BTD
+            q_BTHD, k_BTKD, v_BTKD = block.attn.qkv(rms_norm(x_BTD), ve_BTC, cos_TD, sin_TD)
+            x_BTD = x_BTD + block.attn.attend(q_BTHD, k_BTKD, v_BTKD, masks[window])
+            x_BTD = x_BTD + block.mlp(rms_norm(x_BTD))
+        return self.head(x_BTD)
+
+    def head(self, x_BTD):
+        logits_BTV = self.lm_head(rms_norm(x_BTD))[..., : self.config.vocab_size].astype(jnp.float32)
+        return SOFTCAP * jnp.tanh(logits_BTV / SOFTCAP)
+
+    def loss(self, idx_BT, targets_BT, reduction: str = "mean"):
+        """Cross-entropy over targets != -1: the mean, or per position (0 where ignored) for 'none'."""
+        return cross_entropy(self(idx_BT), targets_BT, reduction)
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    def num_scaling_params(self) -> int:
+        """Block matrices + lm_head: the count nanochat scales data by (--target-param-data-ratio)."""
+        blocks = sum(x.size for x in jax.tree.leaves(nnx.state(self.blocks, nnx.Param)))
+        ve = sum(b.value_embed.size for b in self.blocks if b.value_embed is not None)
+        return blocks - ve + self.lm_head.kernel.size
+
+    def flops_per_token(self) -> int:
+        """6 x matmul params + attention's 12 * n_head * head_dim * (window-limited) seq_len per layer."""
+        c = self.config
+        matmul_params = self.num_scaling_params()
+        attn = sum(12 * c.n_head * c.head_dim * min(w, c.sequence_len) for w in c.window_sizes())
+        return 6 * matmul_params + attn
+
+
+def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
+    valid_BT = targets_BT != -1
+    safe_BT = jnp.where(valid_BT, targets_BT, 0)
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
+    loss_BT = jnp.where(valid_BT, logz_BT - picked_BT, 0.0)
+    if reduction == "none":
+        return loss_BT
+    if reduction == "sum":
+        return loss_BT.sum()
+    return loss_BT.sum() / jnp.maximum(valid_BT.sum(), 1)
+
+
+# --- nanochat state_dict names <-> nanojax parameter paths ---------------------------------------
+
+_BLOCK_KERNEL = re.compile(r"blocks\.(\d+)\.(attn|mlp)\.(\w+)\.kernel")
+
+
+def nanochat_name(path: str) -> tuple[str, bool]:
+    """Our dotted parameter path -> (nanochat state_dict name, whether the array is transposed)."""
+    if path == "wte":
+        return "transformer.wte.weight", False
+    if path == "lm_head.kernel":
+        return "lm_head.weight", True
+    if path in ("resid_lambdas", "x0_lambdas"):
+        return path, False
+    if m := re.fullmatch(r"blocks\.(\d+)\.value_embed", path):
+        return f"value_embeds.{m[1]}.weight", False
+    if m := _BLOCK_KERNEL.fullmatch(path):
+        return f"transformer.h.{m[1]}.{m[2]}.{m[3]}.weight", True
+    raise KeyError(f"no nanochat name for parameter {path}")
+
+
+def param_paths(params) -> dict[str, tuple]:
+    """Dotted path -> key tuple for every leaf of a params pytree (pure dict or nnx.State)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    out = {}
+    for keypath, _ in flat:
+        keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in keypath)
+        keys = tuple(k for k in keys if k != "value")  # nnx.Variable's own leaf
+        out[".".join(str(k) for k in keys)] = keypath
+    return out
+
+
+def to_nanochat(params) -> dict[str, np.ndarray]:
+    """A params pytree (pure dict) -> nanochat state_dict names and (out, in) orientation, as numpy."""
+    out = {}
+    for path, leaf in zip(param_paths(params), jax.tree.leaves(params), strict=True):
+        name, transpose = nanochat_name(path)
+        arr = np.asarray(leaf)
+        out[name] = arr.T if transpose else arr
+    return out
+
+
+def from_nanochat(state_dict: dict, like):
+    """nanochat state_dict -> a params pytree shaped like `like` (torch's `_orig_mod.` prefix is fine)."""
+    sd = {k.removeprefix("_orig_mod."): np.asarray(v) for k, v in state_dict.items()}
+    leaves = []
+    for path, leaf in zip(param_paths(like), jax.tree.leaves(like), strict=True):
+        name, transpose = nanochat_name(path)
+        if name not in sd:
+            raise UserError(f"nanochat weights lack {name}: they are for a different model config")
+        arr = sd.pop(name)
+        arr = arr.T if transpose else arr
+        if arr.shape != leaf.shape:
+            want = leaf.shape[::-1] if transpose else leaf.shape
+            raise UserError(
+                f"{name} has shape {arr.T.shape if transpose else arr.shape}, the model expects "
+                f"{want}: the weights are for a different model config"
+            )
+        leaves.append(jnp.asarray(arr, leaf.dtype))
+    if sd:
+        raise UserError(f"nanochat weights have parameters this model lacks: {sorted(sd)[:5]}")
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def nanochat_state_dict(model: GPT) -> dict[str, np.ndarray]:
+    return to_nanochat(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def load_nanochat_params(model: GPT, state_dict: dict) -> None:
+    """Fill `model` in place from a nanochat state_dict (names -> arrays)."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, from_nanochat(state_dict, state.to_pure_dict()))
+    nnx.update(model, state)
