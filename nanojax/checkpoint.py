@@ -1,0 +1,299 @@
+"""Checkpoints: one Orbax CheckpointManager with four composite items per step.
+
+    <checkpoint_dir>/<step>/params        pytree of arrays (nnx.State or a dict), OCDBT
+                           /opt_state     optax state pytree (absent in inference-only saves)
+                           /loader_state  small JSON dict: the data loader's position
+                           /metadata      JSON dict: step, val_bpb, model_config, ... (filled by the caller)
+
+    ckpts = Checkpoints(base_dir / "base_checkpoints" / "d4", max_to_keep=3)
+    ckpts.save(step, params, opt_state, loader_state, metadata)  # async; ckpts.close() before exit
+    r = ckpts.restore(step, params=abstract_params, opt_state=abstract_opt_state)  # training
+    r = ckpts.restore_params(step)  # inference; ckpts.read_metadata(step) to size the model first
+
+Restore targets are pytrees of `jax.ShapeDtypeStruct` (or arrays) whose `.sharding` says where each
+array goes, so a checkpoint written from 4 devices reads back onto 1 and the reverse.
+"""
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from nanojax.common import UserError
+
+TREE_ITEMS = ("params", "opt_state")
+JSON_ITEMS = ("loader_state", "metadata")
+# Files each item cannot be read without. Orbax only guarantees atomicity of its own writes (a
+# temporary dir renamed on commit); a step dir copied half-way or pruned by hand still looks
+# committed to it, so we check for these ourselves before trusting a step.
+REQUIRED_FILES = {name: ("_METADATA", "manifest.ocdbt") for name in TREE_ITEMS}
+REQUIRED_FILES |= {name: ("metadata",) for name in JSON_ITEMS}  # JsonCheckpointHandler's file name
+
+
+@dataclass
+class Restored:
+    """What a restore hands back; the arrays sit where the restore targets' shardings said."""
+
+    step: int
+    params: Any
+    opt_state: Any | None  # None for inference restores
+    loader_state: dict | None  # None for inference restores
+    metadata: dict
+
+
+class Checkpoints:
+    """Save and restore training state in `directory`, one step-numbered subdirectory per save."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None = None):
+        self.directory = Path(directory).expanduser().resolve()
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for name in TREE_ITEMS:  # registered up front so a fresh manager can read item metadata
+            registry.add(name, ocp.args.StandardSave)
+            registry.add(name, ocp.args.StandardRestore)
+        for name in JSON_ITEMS:
+            registry.add(name, ocp.args.JsonSave)
+            registry.add(name, ocp.args.JsonRestore)
+        # create=False: reading a mistyped --model-tag must not leave an empty directory behind.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+
+    # ---- listing ---------------------------------------------------------------------------
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def _step_dirs(self) -> list[int]:
+        """Every directory named like a step. Orbax's in-flight temporaries ("<step>.orbax-checkpoint-
+        tmp-<time>") are not digits-only, so they never count."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def _problem(self, step: int) -> str | None:
+        """Why step's directory is not a complete checkpoint, or None if it looks complete."""
+        path = self.step_dir(step)
+        try:  # Orbax writes the commit timestamp into this file as the last act of a save
+            info = json.loads((path / "_CHECKPOINT_METADATA").read_text())
+        except (OSError, ValueError):
+            return "missing or unreadable _CHECKPOINT_METADATA"
+        if not info.get("commit_timestamp_nsecs"):
+            return "the save never committed"
+        items = info.get("item_handlers") or {}
+        for name in ("params", "metadata"):
+            if name not in items:
+                return f"no {name} item"
+        for name in items:
+            for file in REQUIRED_FILES.get(name, ()):
+                if not (path / name / file).is_file():
+                    return f"missing {name}/{file}"
+        return None
+
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint, ascending; warns about (and keeps) incomplete ones."""
+        complete = []
+        for step in self._step_dirs():
+            problem = self._problem(step)
+            if problem is None:
+                complete.append(step)
+            else:
+                warnings.warn(
+                    f"skipping incomplete checkpoint {self.step_dir(step)}: {problem}", stacklevel=2
+                )
+        return complete
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def resolve_step(self, step: int | None = None) -> int:
+        """`step`, or the latest complete step when None; a UserError naming the choices otherwise."""
+        available = self.steps()
+        if step is None:
+            if not available:
+                raise UserError(
+                    f"no complete checkpoints in {self.directory}: check --base-dir and --model-tag, "
+                    "or train a model first"
+                )
+            return available[-1]
+        if step in available:
+            return step
+        if self.step_dir(step).is_dir():
+            raise UserError(
+                f"checkpoint at {self.step_dir(step)} is incomplete or corrupt ({self._problem(step)}); "
+                f"pick another step: available steps are {available or 'none'}"
+            )
+        raise UserError(
+            f"no checkpoint for step {step} in {self.directory}; available steps: {available or 'none'}"
+        )
+
+    # ---- saving ----------------------------------------------------------------------------
+
+    def save(self, step: int, params, opt_state, loader_state: dict | None, metadata: dict) -> None:
+        """Start an async save; returns once arrays are copied off-device (safe to donate them)."""
+        path = self.step_dir(step)
+        # Orbax never overwrites (and an async save is not on disk yet, hence all_steps); say so here.
+        if path.exists() or step in self._manager.all_steps():
+            raise UserError(f"a checkpoint for step {step} already exists at {path}; move it aside first")
+        # Round-trip through json now: fails early on a non-JSON value (not in the background
+        # thread) and snapshots the dicts so the caller may mutate them while the save runs.
+        items = {"params": ocp.args.StandardSave(params), "metadata": ocp.args.JsonSave(_as_json(metadata))}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if loader_state is not None:
+            items["loader_state"] = ocp.args.JsonSave(_as_json(loader_state))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # force=True: Orbax silently skips (returns False) a step below its latest; we never want that.
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed (and old ones pruned); raises their errors."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()  # waits for pending saves first
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- restoring -------------------------------------------------------------------------
+
+    def read_metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata alone (e.g. to build the model config before building the model)."""
+        step = self.resolve_step(step)
+        return self._read(step, metadata=ocp.args.JsonRestore()).metadata
+
+    def restore(self, step: int | None, *, params, opt_state) -> Restored:
+        """Everything needed to resume training, placed as the abstract targets' shardings say.
+
+        Refuses when later step directories exist: the resumed run would collide with them on save
+        (and Orbax's max_to_keep would prune by save order), so the user must move them aside."""
+        step = self.resolve_step(step)
+        later = [s for s in self._step_dirs() if s > step]
+        if later:
+            raise UserError(
+                f"resuming from step {step} but later checkpoints {later} exist in {self.directory}; "
+                "resume from the latest step or move the later ones aside"
+            )
+        saved = set(self._item_names(step))
+        for name in ("opt_state", "loader_state"):
+            if name not in saved:
+                raise UserError(
+                    f"checkpoint at {self.step_dir(step)} has no {name} (an inference-only save); "
+                    "it can be sampled from but not resumed"
+                )
+        self._check_shapes(step, "params", params)
+        self._check_shapes(step, "opt_state", opt_state)
+        r = self._read(
+            step,
+            params=ocp.args.StandardRestore(_abstract(params)),
+            opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+            loader_state=ocp.args.JsonRestore(),
+            metadata=ocp.args.JsonRestore(),
+        )
+        return Restored(step, r.params, r.opt_state, r.loader_state, r.metadata)
+
+    def restore_params(self, step: int | None = None, params=None) -> Restored:
+        """Params + metadata for inference. Without a target, arrays land on the default device as
+        a nested dict keyed by strings (an nnx.Param's array sits under "value")."""
+        step = self.resolve_step(step)
+        if params is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            saved = self._guarded(step, lambda: self._manager.item_metadata(step)["params"].tree)
+            params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        else:
+            self._check_shapes(step, "params", params)
+        r = self._read(
+            step, params=ocp.args.StandardRestore(_abstract(params)), metadata=ocp.args.JsonRestore()
+        )
+        return Restored(step, r.params, None, None, r.metadata)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _item_names(self, step: int) -> list[str]:
+        info = json.loads((self.step_dir(step) / "_CHECKPOINT_METADATA").read_text())
+        return list(info["item_handlers"])
+
+    def _guarded(self, step: int, fn):
+        """Run an Orbax read; any failure below it means the files are damaged: say which, keep them."""
+        try:
+            return fn()
+        except UserError:
+            raise
+        except Exception as e:
+            others = [s for s in self.steps() if s != step]
+            root = e  # Orbax wraps TensorStore's error (which names the bad file) in a vaguer one
+            while root.__cause__ or root.__context__:
+                root = root.__cause__ or root.__context__
+            detail = (str(root).strip().splitlines() or [""])[0][:300]
+            raise UserError(
+                f"checkpoint at {self.step_dir(step)} could not be read, it may be corrupt or half-written "
+                f"({type(root).__name__}: {detail}); restore another step (available: {others or 'none'})"
+            ) from e
+
+    def _read(self, step: int, **items) -> ocp.args.Composite:
+        return self._guarded(step, lambda: self._manager.restore(step, args=ocp.args.Composite(**items)))
+
+    def _check_shapes(self, step: int, name: str, target) -> None:
+        """Compare saved and wanted shapes leaf by leaf, for a message better than Orbax's."""
+        saved = _shapes(self._guarded(step, lambda: self._manager.item_metadata(step)[name].tree))
+        wanted = _shapes(target)
+        diffs = [
+            f"{k}: saved {saved[k]}, wanted {wanted[k]}"
+            for k in wanted
+            if k in saved and saved[k] != wanted[k]
+        ]
+        diffs += [f"{k} not in checkpoint" for k in wanted if k not in saved]
+        diffs += [f"{k} not in the model" for k in saved if k not in wanted]
+        if not diffs:
+            return
+        summary = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        where = self.step_dir(step)
+        if name == "params":
+            raise UserError(
+                f"checkpoint at {where} was saved for a different model shape ({summary}); "
+                "pass the matching --depth/--aspect-ratio/--head-dim/--max-seq-len or a different --model-tag"
+            )
+        raise UserError(
+            f"checkpoint at {where} holds {name} of a different structure ({summary}); resume with the "
+            "optimizer settings it was saved with, or start a new run with a different --model-tag"
+        )
+
+
+def _key_name(k) -> str:
+    """One path element as Orbax stores it: dict keys, attribute names and indices all become str."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _abstract(tree):
+    """Restore targets: leaves with no sharding (plain eval_shape output) go to the default device."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device),
+        tree,
+    )
+
+
+def _as_json(obj):
+    """A JSON-only deep copy; numpy/jax scalars become Python numbers, anything else non-JSON raises."""
+
+    def scalar(o):
+        if hasattr(o, "item") and getattr(o, "size", 1) == 1:
+            return o.item()
+        raise TypeError(f"checkpoint metadata must be JSON: got {type(o).__name__} {o!r:.80}")
+
+    return json.loads(json.dumps(obj, default=scalar))

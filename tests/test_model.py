@@ -1,0 +1,151 @@
+"""Model properties the reference vectors don't pin down: causality, windows, GQA, sizing, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanojax.common import UserError
+from nanojax.model import (
+    GPT,
+    Attention,
+    GPTConfig,
+    attention_mask,
+    config_from_depth,
+    load_nanochat_params,
+    nanochat_state_dict,
+)
+
+
+def randomized(config, seed=0):
+    """A model whose zero-initialised projections are made non-zero, so every block contributes."""
+    model = GPT(config, rngs=nnx.Rngs(seed))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    return model
+
+
+def test_causality_via_gradients():
+    config = GPTConfig(sequence_len=16, vocab_size=64, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
+    model = randomized(config)
+    graphdef, params = nnx.split(model)
+    idx = jnp.arange(16)[None] * 3  # distinct tokens: embedding row idx[s] is used at position s only
+    t = 9
+
+    def loss_t(p):
+        logits = nnx.merge(graphdef, p)(idx)
+        return jax.nn.logsumexp(logits[0, t])
+
+    grads = jax.grad(loss_t)(params)
+    for table in (grads["wte"], grads["blocks"][2]["value_embed"]):
+        row_norms = np.linalg.norm(np.asarray(table[...])[np.asarray(idx[0])], axis=-1)
+        assert np.all(row_norms[t + 1 :] == 0)
+        assert np.all(row_norms[: t + 1] > 0)
+
+
+@pytest.mark.parametrize("window", [3, 8])
+def test_sliding_window_attention_sees_exactly_its_window(window):
+    config = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    attn = Attention(config, 0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    attn.c_proj.kernel[...] = jnp.eye(64)
+    T, t = 12, 10
+    k = jax.random.normal(jax.random.key(1), (3, 1, T, 2, 32))
+    pos = jnp.arange(T)
+
+    def out_t(kv):
+        q = jnp.ones((1, T, 2, 32))
+        return attn.attend(q, kv[0], kv[1], attention_mask(pos, pos, window))[0, t].sum()
+
+    g = jax.grad(out_t)(k[:2])
+    seen = np.abs(np.asarray(g[1])).sum(axis=(0, 2, 3)) > 0  # through v: every visible key
+    assert list(np.flatnonzero(seen)) == list(range(t - window, t + 1))
+
+
+def test_gqa_query_heads_share_kv_heads():
+    """Query head h attends with kv head h // (n_head / n_kv_head), as torch's enable_gqa does."""
+    config = GPTConfig(sequence_len=8, vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64)
+    attn = Attention(config, 0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    attn.c_proj.kernel[...] = jnp.eye(64)
+    B, T, H, K, D = 2, 8, 4, 2, 16
+    q, k, v = (
+        jax.random.normal(key, (B, T, n, D))
+        for key, n in zip(jax.random.split(jax.random.key(0), 3), (H, K, K), strict=True)
+    )
+    pos = jnp.arange(T)
+    ours = np.asarray(attn.attend(q, k, v, attention_mask(pos, pos, T))).reshape(B, T, H, D)
+
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    for h in range(H):
+        kh, vh = k[:, :, h // (H // K)], v[:, :, h // (H // K)]
+        s = np.einsum("btd,bsd->bts", q[:, :, h], kh) / math.sqrt(D) + np.triu(np.full((T, T), -np.inf), 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(ours[:, :, h], np.einsum("bts,bsd->btd", p, vh), atol=1e-5)
+
+
+def test_seed_config_size_and_flops():
+    config = config_from_depth(
+        4, aspect_ratio=32, head_dim=64, max_seq_len=512, vocab_size=8192, window_pattern="L"
+    )
+    assert (config.n_embd, config.n_head, config.n_kv_head) == (128, 2, 2)
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+    assert model.num_params() == 4_980_872
+    scaling = 4 * 196_608 + 2 * 64 + 8192 * 128  # block matrices (incl. ve gates) + lm_head
+    assert model.num_scaling_params() == scaling
+    assert model.flops_per_token() == 6 * scaling + 4 * 12 * 2 * 64 * 512
+
+
+def test_windows_and_value_embedding_layers():
+    config = GPTConfig(
+        sequence_len=64, vocab_size=100, n_layer=5, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSL"
+    )
+    assert config.window_sizes() == [32, 32, 64, 32, 64]
+    assert [config.has_value_embed(i) for i in range(5)] == [True, False, True, False, True]
+    assert config.padded_vocab_size == 128
+    model = GPT(config, rngs=nnx.Rngs(0))
+    assert model(jnp.zeros((1, 5), jnp.int32)).shape == (1, 5, 100)  # padded rows never predicted
+
+
+def test_loss_ignores_minus_one_and_reductions_agree():
+    config = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = randomized(config)
+    idx = jnp.arange(16)[None] % 64
+    targets = jnp.roll(idx, -1).at[0, 3].set(-1)
+    none = model.loss(idx, targets, reduction="none")
+    assert none[0, 3] == 0
+    np.testing.assert_allclose(model.loss(idx, targets), none.sum() / 15, rtol=1e-6)
+
+
+def test_nanochat_state_dict_round_trip():
+    config = GPTConfig(sequence_len=16, vocab_size=70, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    a, b = randomized(config, 0), GPT(config, rngs=nnx.Rngs(5))
+    sd = nanochat_state_dict(a)
+    assert sd["transformer.h.0.attn.c_k.weight"].shape == (32, 64)  # (out, in)
+    assert sd["value_embeds.1.weight"].shape == (128, 32)
+    load_nanochat_params(b, sd)
+    idx = jnp.arange(10)[None]
+    np.testing.assert_array_equal(a(idx), b(idx))
+    bad = dict(sd)
+    bad["lm_head.weight"] = bad["lm_head.weight"][:64]
+    with pytest.raises(UserError, match="different model config"):
+        load_nanochat_params(b, bad)
+
+
+def test_sequence_longer_than_rotary_table_is_a_clear_error():
+    config = GPTConfig(sequence_len=4, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    model = GPT(config, rngs=nnx.Rngs(0))
+    with pytest.raises(UserError, match="longer than the rotary table"):
+        model(jnp.zeros((1, 41), jnp.int32))
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(UserError, match="window pattern"):
+        GPTConfig(window_pattern="SXL")
+    with pytest.raises(UserError, match="n_kv_head"):
+        GPTConfig(n_head=6, n_kv_head=4)

@@ -1,0 +1,27 @@
+"""Every parity row (forward, grads, greedy generation, optimizer steps) on reference sets a and b."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nanojax.parity import run_checks
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_reference_vectors(reference_dir, name):
+    rows, skipped = run_checks(reference_dir / "nanochat_vectors" / f"{name}.json")
+    names = {r.name for r in rows}
+    assert {"logits", "loss_mean", "grad1", "grad2", "step1_fp32", "step2_fp32"} <= names
+    assert not skipped
+    failed = [(r.name, r.diff, r.tol, r.note) for r in rows if not r.ok]
+    assert not failed
+
+
+def test_script_reports_missing_set(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.parity", "--vectors", str(tmp_path / "nope.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "no vector set" in out.stderr
