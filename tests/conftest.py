@@ -15,5 +15,5 @@ REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE.is_dir():
-        raise FileNotFoundError(f"reference vectors not found at {REFERENCE.resolve()}: clone next to shared/")
+        raise FileNotFoundError(f"no reference vectors at {REFERENCE.resolve()}: clone next to shared/")
     return REFERENCE.resolve()

@@ -1,0 +1,86 @@
+"""Train the BPE tokenizer and save it under <base_dir>/tokenizer/ (ranks, specials, token_bytes).
+
+    python -m scripts.tok_train                              # the base dir's train shards (stdlib if none)
+    python -m scripts.tok_train --data notes/ --vocab-size 4096
+
+Prints the training time and the compression (UTF-8 bytes per token) on held-out text: the validation
+shard, or with --data the documents after the training text.
+"""
+
+import argparse
+import time
+
+from nanojax.common import cli
+from nanojax.dataset import ensure_data, iter_documents, list_shards
+from nanojax.tokenizer import Tokenizer, cap_documents, tokenizer_dir
+
+EVAL_CHARS = 1_000_000  # held-out text for the compression figure
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=8192, help="vocabulary incl. 9 special tokens (8192)"
+    )
+    parser.add_argument(
+        "--max-chars", type=int, default=10_000_000, help="characters to train on (10,000,000)"
+    )
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept per document (10,000)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="files, folders or globs to train on (.parquet text column, .jsonl text field, other UTF-8 "
+        "files one document each); default: the base dir's train shards, prepared from the Python "
+        "standard library if there are none",
+    )
+    parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
+    args = parser.parse_args(argv)
+
+    skipped = []
+    if args.data:
+        docs = iter_documents(args.data, skipped)
+    else:
+        ensure_data(args.base_dir)
+        docs = iter_documents(list_shards(args.base_dir, "train"))
+    num_chars = 0
+
+    def counted(texts):
+        nonlocal num_chars
+        for text in texts:
+            num_chars += len(text)
+            yield text
+
+    t0 = time.time()
+    tok = Tokenizer.train(counted(cap_documents(docs, args.max_chars, args.doc_cap)), args.vocab_size)
+    train_time = time.time() - t0
+    print(f"trained on {num_chars:,} characters in {train_time:.2f}s")
+    if skipped:
+        print(f"skipped {len(skipped)} files that are not UTF-8 text, e.g. {skipped[0]}")
+    if tok.get_vocab_size() < args.vocab_size:
+        print(f"warning: the text only supports {tok.get_vocab_size():,} tokens, fewer than --vocab-size")
+
+    # `docs` now stands just after the training text, so its next documents were never seen.
+    held_out, label = docs, "held-out documents"
+    if not args.data:
+        held_out, label = iter_documents(list_shards(args.base_dir, "val")), "the validation shard"
+    sample = list(cap_documents(held_out, EVAL_CHARS, args.doc_cap))
+    if not sample:
+        sample, label = (
+            list(cap_documents(iter_documents(args.data), EVAL_CHARS, args.doc_cap)),
+            "training text",
+        )
+    ratio = tok.bytes_per_token(sample)
+    print(f"compression: {ratio:.3f} bytes/token on {label} ({sum(map(len, sample)):,} chars)")
+
+    path = tok.save(tokenizer_dir(args.base_dir))
+    nonzero = tok.token_bytes[tok.token_bytes > 0]
+    print(f"vocab size {tok.get_vocab_size():,}; token bytes mean {nonzero.mean():.2f}, max {nonzero.max()}")
+    print(f"saved the tokenizer (fingerprint {tok.fingerprint()}) to {path}")
+
+
+if __name__ == "__main__":
+    main()
