@@ -100,9 +100,7 @@ class Checkpoints:
             if problem is None:
                 complete.append(step)
             else:
-                warnings.warn(
-                    f"skipping incomplete checkpoint {self.step_dir(step)}: {problem}", stacklevel=2
-                )
+                warnings.warn(f"skipping incomplete checkpoint {self.step_dir(step)}: {problem}", stacklevel=2)
         return complete
 
     def latest_step(self) -> int | None:
@@ -126,9 +124,7 @@ class Checkpoints:
                 f"checkpoint at {self.step_dir(step)} is incomplete or corrupt ({self._problem(step)}); "
                 f"pick another step: available steps are {available or 'none'}"
             )
-        raise UserError(
-            f"no checkpoint for step {step} in {self.directory}; available steps: {available or 'none'}"
-        )
+        raise UserError(f"no checkpoint for step {step} in {self.directory}; available steps: {available or 'none'}")
 
     # ---- saving ----------------------------------------------------------------------------
 
@@ -209,9 +205,7 @@ class Checkpoints:
             params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
         else:
             self._check_shapes(step, "params", params)
-        r = self._read(
-            step, params=ocp.args.StandardRestore(_abstract(params)), metadata=ocp.args.JsonRestore()
-        )
+        r = self._read(step, params=ocp.args.StandardRestore(_abstract(params)), metadata=ocp.args.JsonRestore())
         return Restored(step, r.params, None, None, r.metadata)
 
     # ---- internals -------------------------------------------------------------------------
@@ -244,11 +238,7 @@ class Checkpoints:
         """Compare saved and wanted shapes leaf by leaf, for a message better than Orbax's."""
         saved = _shapes(self._guarded(step, lambda: self._manager.item_metadata(step)[name].tree))
         wanted = _shapes(target)
-        diffs = [
-            f"{k}: saved {saved[k]}, wanted {wanted[k]}"
-            for k in wanted
-            if k in saved and saved[k] != wanted[k]
-        ]
+        diffs = [f"{k}: saved {saved[k]}, wanted {wanted[k]}" for k in wanted if k in saved and saved[k] != wanted[k]]
         diffs += [f"{k} not in checkpoint" for k in wanted if k not in saved]
         diffs += [f"{k} not in the model" for k in saved if k not in wanted]
         if not diffs:

@@ -50,13 +50,9 @@ def list_shards(base_dir=None, split: str = "train") -> list[Path]:
     folder = data_dir(base_dir)
     shards = sorted(folder.glob("shard_*.parquet"))
     if not shards:
-        raise UserError(
-            f"no data shards in {folder}: run `python -m scripts.prepare_data` first (or pass --base-dir)"
-        )
+        raise UserError(f"no data shards in {folder}: run `python -m scripts.prepare_data` first (or pass --base-dir)")
     if len(shards) < 2:
-        raise UserError(
-            f"{folder} holds one shard; need two or more (the last is validation): rerun prepare_data"
-        )
+        raise UserError(f"{folder} holds one shard; need two or more (the last is validation): rerun prepare_data")
     return shards[:-1] if split == "train" else shards[-1:]
 
 
@@ -172,9 +168,7 @@ def _read_parquet(path: Path) -> Iterator[str]:
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"cannot read parquet file {path}: {e}") from e
     if "text" not in pf.schema_arrow.names:
-        raise UserError(
-            f"parquet file {path} has no text column (columns: {', '.join(pf.schema_arrow.names)})"
-        )
+        raise UserError(f"parquet file {path} has no text column (columns: {', '.join(pf.schema_arrow.names)})")
     for i in range(pf.num_row_groups):
         yield from (t for t in pf.read_row_group(i, columns=["text"]).column("text").to_pylist() if t)
 
@@ -225,9 +219,7 @@ def prepare_data(
     # (or an interrupted download) and are resumed.
     if existing and (manifest["source"] != request["source"] if manifest else not fineweb):
         held = manifest["source"] if manifest else "an unknown source"
-        raise UserError(
-            f"{folder} already holds shards from {held}: delete that folder or pass another --base-dir"
-        )
+        raise UserError(f"{folder} already holds shards from {held}: delete that folder or pass another --base-dir")
     if _is_done(folder, manifest, request):
         print(f"{folder} already holds the prepared shards; nothing to do")
         return manifest
@@ -286,9 +278,7 @@ def _write_shards(folder: Path, docs: Iterable[str], shard_chars: int, val_fract
     return {"num_shards": len(counts), "train_docs": sum(counts[:-1]), "val_docs": counts[-1]}
 
 
-def _split_train_val(
-    docs: Iterable[str], shard_chars: int, val_fraction, rng: random.Random
-) -> Iterator[list[str]]:
+def _split_train_val(docs: Iterable[str], shard_chars: int, val_fraction, rng: random.Random) -> Iterator[list[str]]:
     """Lists of documents: the train shards, then the validation shard (never empty, nor is train)."""
     if val_fraction is not None:
         val = []
@@ -368,14 +358,10 @@ def _download_shards(folder: Path, base_url: str, num_shards: int, num_workers, 
     print(f"{num_shards - len(todo)} of {num_shards} shards already in {folder}; downloading {len(todo)}")
 
     def fetch(i):
-        return _download(
-            f"{base_url.rstrip('/')}/{shard_name(i)}", folder / shard_name(i), retries, retry_wait
-        )
+        return _download(f"{base_url.rstrip('/')}/{shard_name(i)}", folder / shard_name(i), retries, retry_wait)
 
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        errors = [
-            e for e in tqdm(pool.map(fetch, todo), total=len(todo), desc="downloading", unit="shard") if e
-        ]
+        errors = [e for e in tqdm(pool.map(fetch, todo), total=len(todo), desc="downloading", unit="shard") if e]
     if errors:
         raise UserError(f"{len(errors)} shards failed to download, e.g. {errors[0]}: rerun to resume")
     return {"num_shards": num_shards}

@@ -40,9 +40,7 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: change --head-dim"
-            )
+            raise UserError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: change --head-dim")
         if self.n_head % self.n_kv_head:
             raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
@@ -147,9 +145,7 @@ class Attention(nnx.Module):
         self.c_v = Linear(d, config.n_kv_head * hd, init=uniform_init(s), **kw)
         self.c_proj = Linear(d, d, init=nnx.initializers.zeros, **kw)
         has_ve = config.has_value_embed(layer)
-        self.ve_gate = (
-            Linear(VE_GATE_CHANNELS, config.n_kv_head, init=nnx.initializers.zeros, **kw) if has_ve else None
-        )
+        self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head, init=nnx.initializers.zeros, **kw) if has_ve else None
 
     def qkv(self, x_BTD, ve_BTC, cos_TD, sin_TD):
         """Project, add the gated value embedding, rotate and QK-norm (rotary first, as nanochat)."""
@@ -211,9 +207,7 @@ class GPT(nnx.Module):
         self.dtype = dtype
         V, D, L = config.padded_vocab_size, config.n_embd, config.n_layer
         self.wte = nnx.Param(jax.random.normal(rngs.params(), (V, D), param_dtype))
-        self.blocks = nnx.List(
-            [Block(config, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for i in range(L)]
-        )
+        self.blocks = nnx.List([Block(config, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for i in range(L)])
         self.lm_head = Linear(
             D, V, init=nnx.initializers.normal(0.001), dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )

@@ -24,7 +24,9 @@ import tiktoken
 from nanojax.common import UserError, get_base_dir
 
 # GPT-4's split pattern with digit runs of at most two (nanochat's choice for small vocabularies).
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
+)
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document
     "<|user_start|>",
@@ -46,9 +48,7 @@ class Tokenizer:
         if special_tokens is None:
             special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         if missing := [name for name in SPECIAL_TOKENS if name not in special_tokens]:
-            raise UserError(
-                f"tokenizer lacks the special tokens {missing}: retrain it with scripts.tok_train"
-            )
+            raise UserError(f"tokenizer lacks the special tokens {missing}: retrain it with scripts.tok_train")
         self.mergeable_ranks = mergeable_ranks
         self.pattern = pattern
         self.special_tokens = dict(special_tokens)
@@ -63,10 +63,7 @@ class Tokenizer:
         # the denominator of bits per byte.
         special_ids = set(self.special_tokens.values())
         self.token_bytes = np.array(
-            [
-                0 if i in special_ids else len(self.enc.decode_single_token_bytes(i))
-                for i in range(self.enc.n_vocab)
-            ],
+            [0 if i in special_ids else len(self.enc.decode_single_token_bytes(i)) for i in range(self.enc.n_vocab)],
             dtype=np.int32,
         )
 
@@ -77,9 +74,7 @@ class Tokenizer:
         """Learn vocab_size - len(SPECIAL_TOKENS) ranks (256 bytes + merges) from the texts."""
         num_ranks = vocab_size - len(SPECIAL_TOKENS)
         if num_ranks < 256:
-            raise UserError(
-                f"vocab size {vocab_size} is too small: it must be at least {256 + len(SPECIAL_TOKENS)}"
-            )
+            raise UserError(f"vocab size {vocab_size} is too small: it must be at least {256 + len(SPECIAL_TOKENS)}")
         num_chars = 0
 
         def counted(texts):
@@ -165,10 +160,7 @@ class Tokenizer:
         if isinstance(text, str):
             return self._wrap(self.enc.encode_ordinary(text), *extra)
         if isinstance(text, list):
-            return [
-                self._wrap(ids, *extra)
-                for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-            ]
+            return [self._wrap(ids, *extra) for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
         raise TypeError(f"encode takes a str or a list of str, not {type(text).__name__}")
 
     def _token_id(self, token):
@@ -211,9 +203,7 @@ class Tokenizer:
             content = message["content"]
             if message["role"] == "user":
                 if not isinstance(content, str):
-                    raise UserError(
-                        f"message {i}: user content must be a string, not {type(content).__name__}"
-                    )
+                    raise UserError(f"message {i}: user content must be a string, not {type(content).__name__}")
                 add([s("<|user_start|>"), *self.encode(content), s("<|user_end|>")], 0)
                 continue
             add(s("<|assistant_start|>"), 0)
@@ -227,9 +217,7 @@ class Tokenizer:
                     # Tool output comes from the interpreter at inference time: never a target.
                     add([s("<|output_start|>"), *text_ids, s("<|output_end|>")], 0)
                 else:
-                    raise UserError(
-                        f"message {i}: unknown part type {part['type']!r} (text, python, python_output)"
-                    )
+                    raise UserError(f"message {i}: unknown part type {part['type']!r} (text, python, python_output)")
             add(s("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 

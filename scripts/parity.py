@@ -15,9 +15,7 @@ from nanojax.parity import run_checks
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", required=True, help="a reference set's json (its npz files beside it)")
     args = parser.parse_args()
 

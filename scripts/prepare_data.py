@@ -15,9 +15,7 @@ from nanojax.dataset import FINEWEB_URL, SHARD_CHARS, list_shards, prepare_data
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--source",
         nargs="+",
@@ -50,9 +48,7 @@ def main(argv=None):
     parser.add_argument(
         "--shard-chars", type=int, default=SHARD_CHARS, help=f"characters per shard (default {SHARD_CHARS:,})"
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="shuffles stdlib files, draws --val-fraction docs"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="shuffles stdlib files, draws --val-fraction docs")
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
 

@@ -19,15 +19,9 @@ EVAL_CHARS = 1_000_000  # held-out text for the compression figure
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--vocab-size", type=int, default=8192, help="vocabulary incl. 9 special tokens (8192)"
-    )
-    parser.add_argument(
-        "--max-chars", type=int, default=10_000_000, help="characters to train on (10,000,000)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary incl. 9 special tokens (8192)")
+    parser.add_argument("--max-chars", type=int, default=10_000_000, help="characters to train on (10,000,000)")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept per document (10,000)")
     parser.add_argument(
         "--data",

@@ -37,9 +37,7 @@ def trained_opt_state(params):
 
 
 def abstract(tree, sharding=None):
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
 
 
 def assert_trees_equal(a, b):
@@ -152,12 +150,8 @@ def test_shape_mismatch(tmp_path):
     with Checkpoints(tmp_path) as ckpts:
         save(ckpts, 1, params, trained_opt_state(params))
     bigger = dict_params(rows=16)
-    with pytest.raises(
-        UserError, match=r"different model shape \(blocks.b: saved \(8,\), wanted \(16,\).*--model-tag"
-    ):
-        Checkpoints(tmp_path).restore(
-            1, params=abstract(bigger), opt_state=abstract(trained_opt_state(bigger))
-        )
+    with pytest.raises(UserError, match=r"different model shape \(blocks.b: saved \(8,\), wanted \(16,\).*--model-tag"):
+        Checkpoints(tmp_path).restore(1, params=abstract(bigger), opt_state=abstract(trained_opt_state(bigger)))
     renamed = {"blocks": {"w": params["blocks"]["w"], "bias": params["blocks"]["b"]}}
     with pytest.raises(UserError, match="blocks.bias not in checkpoint; blocks.b not in the model"):
         Checkpoints(tmp_path).restore_params(1, abstract(renamed))

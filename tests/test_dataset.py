@@ -223,10 +223,7 @@ class Server:
 
 @pytest.fixture
 def fineweb(tmp_path):
-    files = {
-        f"shard_{i:05d}.parquet": parquet_bytes({"text": [f"web {i}.{j}" for j in range(50)]})
-        for i in range(4)
-    }
+    files = {f"shard_{i:05d}.parquet": parquet_bytes({"text": [f"web {i}.{j}" for j in range(50)]}) for i in range(4)}
     with Server(files) as server:
         yield server
 
@@ -255,9 +252,7 @@ def test_fineweb_download_retries_and_resumes(fineweb, tmp_path):
 def test_fineweb_failed_transfer_never_looks_complete(fineweb, tmp_path, monkeypatch):
     base = tmp_path / "base"
     fineweb.truncate["shard_00002.parquet"] = 3
-    with pytest.raises(
-        UserError, match=re.escape("shard_00002.parquet") + r": got \d+ of \d+ bytes: rerun to resume"
-    ):
+    with pytest.raises(UserError, match=re.escape("shard_00002.parquet") + r": got \d+ of \d+ bytes: rerun to resume"):
         fetch(base, fineweb, 3, retries=3)
     assert sorted(os.listdir(data_dir(base))) == [
         "manifest.json",

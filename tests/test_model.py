@@ -90,9 +90,7 @@ def test_gqa_query_heads_share_kv_heads():
 
 
 def test_seed_config_size_and_flops():
-    config = config_from_depth(
-        4, aspect_ratio=32, head_dim=64, max_seq_len=512, vocab_size=8192, window_pattern="L"
-    )
+    config = config_from_depth(4, aspect_ratio=32, head_dim=64, max_seq_len=512, vocab_size=8192, window_pattern="L")
     assert (config.n_embd, config.n_head, config.n_kv_head) == (128, 2, 2)
     model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
     assert model.num_params() == 4_980_872

@@ -47,9 +47,7 @@ def check_samples(tok: Tokenizer, vectors: dict):
     for sample in vectors["samples"]:
         assert tok.encode(sample["text"]) == sample["ids"], sample["text"]
         assert tok.encode(sample["text"], prepend="<|bos|>") == sample["ids_prepend_bos"]
-        assert [tok.enc.decode_single_token_bytes(i).hex() for i in sample["ids"]] == sample[
-            "token_bytes_hex"
-        ]
+        assert [tok.enc.decode_single_token_bytes(i).hex() for i in sample["ids"]] == sample["token_bytes_hex"]
         assert tok.decode(sample["ids"]) == sample["text"]
 
 
@@ -136,9 +134,7 @@ def test_cap_documents():
 def test_tok_train_script(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     for i in range(5):
-        (tmp_path / "data" / f"{i}.txt").write_text(
-            f"document {i}: the quick brown fox jumps over the lazy dog\n" * 20
-        )
+        (tmp_path / "data" / f"{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog\n" * 20)
     tok_train.main(["--data", str(tmp_path / "data"), "--vocab-size", "300", "--base-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "bytes/token" in out and "vocab size 300" in out
@@ -155,9 +151,7 @@ def specials(tok, *names):
 
 
 def test_render_text_conversation(ref_tok):
-    bos, us, ue, as_, ae = specials(
-        ref_tok, "bos", "user_start", "user_end", "assistant_start", "assistant_end"
-    )
+    bos, us, ue, as_, ae = specials(ref_tok, "bos", "user_start", "user_end", "assistant_start", "assistant_end")
     hi, hello = ref_tok.encode("Hi there"), ref_tok.encode("Hello! How can I help?")
     conversation = {
         "messages": [
