@@ -255,3 +255,28 @@ def build_optimizer(
         if name in used
     }
     return optax.multi_transform(rules, labels)
+
+
+def scaled_groups(
+    model_dim: int,
+    depth: int,
+    total_batch_size: int,
+    *,
+    embedding_lr: float,
+    unembedding_lr: float,
+    matrix_lr: float,
+    scalar_lr: float,
+    weight_decay: float,
+    adam_betas: tuple[float, float],
+) -> dict[str, Group]:
+    """base_train's groups: every lr scaled by the batch size, weight decay by depth."""
+    s = batch_lr_scale(total_batch_size)
+    return setup_groups(
+        model_dim,
+        unembedding_lr=unembedding_lr * s,
+        embedding_lr=embedding_lr * s,
+        matrix_lr=matrix_lr * s,
+        weight_decay=depth_weight_decay(weight_decay, depth),
+        adam_betas=adam_betas,
+        scalar_lr=scalar_lr * s,
+    )

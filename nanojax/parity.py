@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from nanojax.common import UserError
+from nanojax.engine import greedy
 from nanojax.evaluate import bits_per_byte, bpb_sums
 from nanojax.model import (
     GPT,
@@ -111,16 +112,8 @@ class Reference:
 
     def greedy(self, params, prompt, n: int):
         """n greedy tokens by repeated full forward (no cache), and the logits that chose each."""
-        total = len(prompt) + n
-        seq = np.zeros((1, total), np.int32)
-        seq[0, : len(prompt)] = prompt
-        chosen = []
-        for t in range(len(prompt), total):
-            # One fixed length for every call: causality makes the padding after t irrelevant.
-            logits = np.asarray(self.forward(params, jnp.asarray(seq)))[0, t - 1]
-            seq[0, t] = int(np.argmax(logits))
-            chosen.append(logits)
-        return seq[0, len(prompt) :], np.stack(chosen)
+        tokens, logits = greedy(lambda idx: self.forward(params, jnp.asarray(idx)), [list(prompt)], n)
+        return np.array(tokens[0]), logits[0]
 
 
 def model_checks(ref: Reference) -> tuple[list[Row], list[str]]:

@@ -1,0 +1,92 @@
+"""Pretraining from command-line settings: data, tokenizer, model size, horizon, optimizer, report.
+
+scripts/pretrain.py parses the flags (nanochat's base_train names) and calls `pretrain`.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanojax import dataset
+from nanojax.common import UserError
+from nanojax.engine import sample_texts
+from nanojax.loader import make_loader, make_val_loader
+from nanojax.model import config_from_depth
+from nanojax.optim import Schedule, scaled_groups
+from nanojax.report import write_report
+from nanojax.tokenizer import get_tokenizer
+from nanojax.train import OptimSettings, RunConfig, abstract_model, train
+
+
+def horizon(args, flops_per_token: int, scaling_params: int) -> int:
+    """Optimizer steps: --num-iterations, else --target-flops, else --target-param-data-ratio."""
+    if args.num_iterations > 0:
+        return args.num_iterations
+    if args.target_flops > 0:
+        return max(1, round(args.target_flops / (flops_per_token * args.total_batch_size)))
+    if args.target_param_data_ratio > 0:
+        return max(1, int(args.target_param_data_ratio * scaling_params) // args.total_batch_size)
+    raise UserError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+
+
+def pretrain(args, base_dir, prompts):
+    if args.data:
+        dataset.prepare_data(args.data, base_dir)
+    else:
+        dataset.ensure_data(base_dir)
+    train_shards, val_shards = dataset.list_shards(base_dir, "train"), dataset.list_shards(base_dir, "val")
+    tokenizer = get_tokenizer(base_dir)
+
+    config = config_from_depth(
+        args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+        vocab_size=tokenizer.get_vocab_size(), window_pattern=args.window_pattern,
+    )  # fmt: skip
+    model = abstract_model(config)
+    num_iterations = horizon(args, model.flops_per_token(), model.num_scaling_params())
+    on_cpu = jax.devices()[0].platform == "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    groups = scaled_groups(
+        config.n_embd, args.depth, args.total_batch_size, embedding_lr=args.embedding_lr,
+        unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
+        weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
+    )  # fmt: skip
+    schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    optim = OptimSettings(groups, schedule, orth_dtype="float32" if on_cpu else "bfloat16")
+    tag = args.model_tag or f"d{args.depth}"
+    run = RunConfig(
+        model_config=config, optim=optim, num_iterations=num_iterations,
+        device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
+        checkpoint_dir=base_dir / "base_checkpoints" / tag, dtype=dtype, fsdp=args.fsdp,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        resume_from_step=args.resume_from_step, seed=args.seed, user_config=vars(args),
+    )  # fmt: skip
+    T = config.sequence_len
+    print(f"model {config} | {model.num_params():,} parameters | {model.flops_per_token():.3e} FLOPs/token")
+
+    def sample(graphdef, params):
+        forward = jax.jit(lambda p, idx: nnx.merge(graphdef, p)(idx))
+        return sample_texts(lambda idx: forward(params, jnp.asarray(idx)), tokenizer, prompts)
+
+    summary = train(
+        run,
+        tokenizer,
+        make_train_loader=lambda state, rows: make_loader(train_shards, tokenizer, rows, T, state=state),
+        val_batches=lambda rows: make_val_loader(val_shards, tokenizer, rows, T),
+        sample=sample,
+        on_metrics=wandb_logger(args.run, vars(args)),
+    )
+    report = write_report(run.checkpoint_dir, summary, f"nanojax pretraining report: {tag}")
+    return summary, report
+
+
+def wandb_logger(run_name: str, config: dict):
+    """A metrics callback logging to Weights & Biases, or None when --run is 'dummy' (the default)."""
+    if run_name == "dummy" or jax.process_index() != 0:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise UserError("--run needs Weights & Biases: `pip install wandb`, or leave --run at 'dummy'") from e
+    wandb_run = wandb.init(project="nanojax", name=run_name, config=config)
+    return lambda step, metrics: wandb_run.log(metrics, step=step)

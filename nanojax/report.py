@@ -1,0 +1,68 @@
+"""The end-of-run report: report.md and loss.png next to the checkpoints."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_report(folder, summary: dict, title: str = "nanojax training report") -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    history = summary["history"]
+    plot_losses(folder / "loss.png", history.train_loss, history.val_bpb)
+
+    def num(v, fmt="{:,.4f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = [
+        f"# {title}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model config | `{summary['model_config']}` |",
+        f"| parameters | {summary['num_params']:,} (scaling: {summary['num_scaling_params']:,}) |",
+        f"| FLOPs per token | {summary['flops_per_token']:.3e} |",
+        f"| tokens trained | {summary['tokens']:,} |",
+        f"| training time | {summary['training_time_s']:.1f} s (steady steps, compilation excluded) |",
+        f"| tokens/s | {summary['tokens_per_s']:,.0f} |",
+        f"| MFU | {num(summary['mfu'], '{:.1f}%')} |",
+        f"| peak memory | {summary['peak_memory_bytes'] / 2**20:,.0f} MiB |",
+        f"| devices | {summary['devices']} |",
+        f"| final train loss (EMA) | {num(summary['final_loss'])} |",
+        f"| min / final val bpb | {num(summary['min_val_bpb'])} / {num(summary['final_val_bpb'])} |",
+        "",
+        "## Command line",
+        "",
+        f"`{summary['user_config']}`",
+        "",
+        "## Samples (greedy)",
+        "",
+        *[f"    {s!r}" for s in history.samples],
+        "",
+        "![loss](loss.png)",
+        "",
+    ]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_losses(path, train_loss, val_bpb) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_loss:
+        ax.plot(*zip(*train_loss, strict=True), label="train loss (EMA, nats)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    if val_bpb:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val_bpb, strict=True), "o-", color="tab:orange", label="val bits/byte")
+        ax2.set_ylabel("val bits per byte")
+        fig.legend(loc="upper right")
+    else:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,371 @@
+"""The train step, evaluation and the training loop shared by pretraining and finetuning.
+
+    state = init_state(model_config, optim, mesh)            # params + optimizer, placed on the mesh
+    step = make_train_step(state, mesh)                       # one jitted, donated step
+    params, opt_state, losses = step(params, opt_state, inputs_ABT, targets_ABT)
+
+A step takes the batches of all its micro-steps at once, (A, B, T), and accumulates gradients
+with `lax.scan`, each micro-loss divided by A as nanochat does. Targets of -1 are ignored, which is
+how finetuning masks its loss: pretraining and SFT share this step.
+"""
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nanojax import __version__
+from nanojax.checkpoint import Checkpoints
+from nanojax.common import UserError
+from nanojax.evaluate import bits_per_byte, bpb_sums
+from nanojax.model import GPT, GPTConfig
+from nanojax.optim import Group, Schedule, build_optimizer
+from nanojax.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    groups: dict[str, Group]
+    schedule: Schedule | None
+    orth_dtype: str = "float32"  # Polar Express dtype; nanochat uses bfloat16 on accelerators
+
+
+@dataclass
+class TrainState:
+    """What the step transforms (params, opt_state) and what it is built from."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    params: dict
+    opt_state: optax.OptState
+    param_shardings: dict
+    opt_shardings: optax.OptState
+
+
+def abstract_model(config: GPTConfig, dtype=jnp.float32) -> GPT:
+    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def init_state(config: GPTConfig, optim: OptimSettings, mesh, *, dtype=jnp.float32, fsdp=False, seed=0) -> TrainState:
+    """Build params and optimizer state directly in their shardings (nothing materialised replicated)."""
+
+    def init_params():
+        return nnx.state(GPT(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param).to_pure_dict()
+
+    graphdef = nnx.graphdef(abstract_model(config, dtype))
+    abstract_params = jax.eval_shape(init_params)
+    tx = build_optimizer(abstract_params, optim.groups, optim.schedule, jnp.dtype(optim.orth_dtype))
+    param_sh = tree_shardings(abstract_params, mesh, fsdp)
+    opt_sh = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, fsdp)
+    params = jax.jit(init_params, out_shardings=param_sh)()
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    return TrainState(graphdef, tx, params, opt_state, param_sh, opt_sh)
+
+
+def abstract_targets(state: TrainState):
+    """ShapeDtypeStructs with shardings: the restore targets for params and optimizer state."""
+
+    def spec(x, sharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return (
+        jax.tree.map(spec, state.params, state.param_shardings),
+        jax.tree.map(spec, state.opt_state, state.opt_shardings),
+    )
+
+
+def make_train_step(state: TrainState, mesh):
+    graphdef, tx = state.graphdef, state.tx
+
+    def loss_fn(params, inputs, targets, scale):
+        loss = nnx.merge(graphdef, params).loss(inputs, targets)
+        return loss * scale, loss
+
+    def step(params, opt_state, inputs_ABT, targets_ABT):
+        scale = 1.0 / inputs_ABT.shape[0]
+
+        def micro(acc, batch):
+            (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch, scale)
+            return jax.tree.map(jnp.add, acc, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, losses_A = jax.lax.scan(micro, zeros, (inputs_ABT, targets_ABT))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, losses_A
+
+    return jax.jit(
+        step,
+        donate_argnums=(0, 1),
+        in_shardings=(state.param_shardings, state.opt_shardings, batch_sharding(mesh), batch_sharding(mesh)),
+        out_shardings=(state.param_shardings, state.opt_shardings, replicated(mesh)),
+    )
+
+
+def make_evaluator(graphdef, mesh, token_bytes):
+    """bpb over batches: a jitted per-batch (nats, bytes) sum, accumulated on the host in float64."""
+    token_bytes = jnp.asarray(token_bytes)
+
+    @jax.jit
+    def sums(params, inputs_BT, targets_BT):
+        loss_BT = nnx.merge(graphdef, params).loss(inputs_BT, targets_BT, reduction="none")
+        return bpb_sums(loss_BT, targets_BT, token_bytes)
+
+    sharding = batch_sharding(mesh)
+
+    def evaluate(params, batches) -> float:
+        nats, nbytes = 0.0, 0
+        for inputs, targets in batches:
+            x, y = (global_batch(a[None], sharding)[0] for a in (inputs, targets))
+            n, b = sums(params, x, y)
+            nats, nbytes = nats + float(n), nbytes + int(b)
+        return bits_per_byte(nats, nbytes)
+
+    return evaluate
+
+
+class StepTimer:
+    """Wall time per step, and the debiased EMA of the loss that nanochat logs (beta 0.9)."""
+
+    def __init__(self, smooth_loss: float = 0.0, steps_smoothed: int = 0):
+        self.smooth_loss, self.n = smooth_loss, steps_smoothed
+        self.last = time.perf_counter()
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        return dt
+
+    def update(self, loss: float) -> float:
+        self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
+        self.n += 1
+        return self.smooth_loss / (1 - 0.9**self.n)
+
+
+def peak_memory_bytes() -> int:
+    """Device peak where the backend reports it (GPU/TPU), else this process's peak RSS."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("peak_bytes_in_use"):
+        return int(stats["peak_bytes_in_use"])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# bf16 dense peak per device, for MFU; unknown devices (CPUs among them) report no MFU.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v5 lite": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def device_peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def stack_micro_batches(loader, grad_accum: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next grad_accum host batches as (A, B, T) arrays."""
+    pairs = [next(loader) for _ in range(grad_accum)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """One training run; `user_config` (the command line) is stored in every checkpoint's metadata."""
+
+    model_config: GPTConfig
+    optim: OptimSettings
+    num_iterations: int
+    device_batch_size: int
+    total_batch_size: int
+    checkpoint_dir: Path
+    dtype: str = "float32"
+    fsdp: bool = False
+    eval_every: int = 250
+    eval_tokens: int = 524_288
+    sample_every: int = 2000
+    save_every: int = -1
+    keep_checkpoints: int = 3
+    resume_from_step: int = -1
+    seed: int = 0
+    user_config: dict = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    train_loss: list = field(default_factory=list)  # (step, debiased EMA loss)
+    val_bpb: list = field(default_factory=list)  # (step, bpb)
+    samples: list = field(default_factory=list)  # the last set of greedy samples
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, dp: int) -> int:
+    per_micro = device_batch_size * seq_len * dp
+    if total_batch_size % per_micro:
+        raise UserError(
+            f"--total-batch-size {total_batch_size} is not divisible by device_batch_size x max_seq_len x "
+            f"devices = {device_batch_size} x {seq_len} x {dp} = {per_micro}: pick a multiple of {per_micro}"
+        )
+    return total_batch_size // per_micro
+
+
+def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_metrics=None, log=print) -> dict:
+    """Train `run`; returns a summary dict. Callers supply the data and the sampler:
+
+    make_train_loader(state | None, batch_size) -> iterator of host (inputs, targets) batches;
+    val_batches(batch_size) -> iterable of host batches (the same on every call);
+    sample(graphdef, params) -> list of strings;
+    on_metrics(step, dict), if given, receives each step's metrics (e.g. for Weights & Biases).
+    """
+    config = run.model_config
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects {config.vocab_size}: "
+            "retrain the tokenizer with --vocab-size to match, or use the model's own base dir"
+        )
+    mesh = make_mesh()
+    T, dp = config.sequence_len, mesh.size
+    accum = grad_accum_steps(run.total_batch_size, run.device_batch_size, T, dp)
+    local_rows = run.device_batch_size * jax.local_device_count()
+    dtype = jnp.dtype(run.dtype)
+
+    state = init_state(config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed)
+    ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints)
+    step, loop, loader_state = (
+        0,
+        {"min_val_bpb": None, "smooth_train_loss": 0.0, "total_training_time": 0.0},
+        None,
+    )
+    history = History()
+    if run.resume_from_step >= 0:
+        meta = ckpts.read_metadata(run.resume_from_step)
+        check_compatible(meta, config, tokenizer, ckpts.step_dir(run.resume_from_step))
+        r = ckpts.restore(run.resume_from_step, *abstract_targets(state))
+        state.params, state.opt_state, loader_state = r.params, r.opt_state, r.loader_state
+        step, loop = r.step, r.metadata["loop_state"]
+        history = History(**{k: [tuple(x) for x in v] for k, v in loop.pop("history", {}).items()})
+        log(f"resumed from {ckpts.step_dir(step)} at step {step}")
+
+    graphdef = state.graphdef
+    step_fn = make_train_step(state, mesh)
+    evaluate = make_evaluator(graphdef, mesh, tokenizer.token_bytes)
+    loader = make_train_loader(loader_state, local_rows)
+    sharding = batch_sharding(mesh)
+    timer = StepTimer(loop["smooth_train_loss"], step)
+    flops_per_step = abstract_model(config).flops_per_token() * run.total_batch_size
+    peak = device_peak_flops()
+    eval_batches = max(1, run.eval_tokens // (run.device_batch_size * T * dp))
+    log(f"grad accumulation {accum} x {local_rows} rows x {T} tokens per process, {dp} device(s), "
+        f"{run.num_iterations} steps of {run.total_batch_size:,} tokens")  # fmt: skip
+
+    def evaluate_now(params):
+        bpb = evaluate(params, itertools.islice(val_batches(local_rows), eval_batches))
+        history.val_bpb.append((step, bpb))
+        best = loop["min_val_bpb"]
+        loop["min_val_bpb"] = bpb if best is None else min(best, bpb)
+        log(f"step {step:05d} | val bpb {bpb:.4f}")
+        if on_metrics:
+            on_metrics(step, {"val_bpb": bpb})
+        return bpb
+
+    def save(params, opt_state, val_bpb):
+        loop_state = dict(loop, history=asdict(history))
+        meta = {
+            "step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": run.user_config,
+            "device_batch_size": run.device_batch_size, "max_seq_len": T, "loop_state": loop_state,
+            "tokenizer_fingerprint": tokenizer.fingerprint(), "nanojax_version": __version__,
+        }  # fmt: skip
+        ckpts.save(step, params, opt_state, loader_state, meta)
+
+    params, opt_state = state.params, state.opt_state
+    del state  # the step donates these buffers: keep no second reference
+    val_bpb, t_start = None, time.perf_counter()
+    timer.tick()
+    x, y = stack_micro_batches(loader, accum)
+    while step < run.num_iterations:
+        params, opt_state, losses = step_fn(params, opt_state, global_batch(x, sharding), global_batch(y, sharding))
+        step += 1
+        loader_state = loader.get_state()  # the position after this step's batches, for its checkpoint
+        if step < run.num_iterations:
+            x, y = stack_micro_batches(loader, accum)  # overlaps with the step running on the device
+        loss = float(np.mean(np.asarray(losses)))  # the one sync per step
+        dt = timer.tick()
+        if not math.isfinite(loss):
+            ckpts.close()
+            raise UserError(
+                f"loss became {loss} at step {step}; the last good checkpoint is kept in {run.checkpoint_dir}: "
+                "lower the learning rates (--matrix-lr, --embedding-lr) or resume from it"
+            )
+        if step > 1:  # the first step is mostly compilation
+            loop["total_training_time"] += dt
+        smooth = timer.update(loss)
+        loop["smooth_train_loss"] = timer.smooth_loss
+        history.train_loss.append((step, smooth))
+        steady = loop["total_training_time"] / max(step - 1, 1)
+        lrm = float(run.optim.schedule.lr_multiplier(step - 1)) if run.optim.schedule else 1.0
+        mfu = f"{100 * flops_per_step / dt / (peak * dp):.1f}%" if peak else "n/a"
+        log(f"step {step:05d}/{run.num_iterations:05d} ({100 * step / run.num_iterations:.1f}%) | "
+            f"loss {smooth:.6f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {run.total_batch_size / dt:,.0f} | "
+            f"mfu {mfu} | epoch {loader.epoch} | elapsed {fmt_time(time.perf_counter() - t_start)} | "
+            f"eta {fmt_time(steady * (run.num_iterations - step))}")  # fmt: skip
+
+        if on_metrics:
+            on_metrics(step, {"loss": smooth, "lrm": lrm, "dt": dt, "tok_per_s": run.total_batch_size / dt})
+        last = step == run.num_iterations
+        if last or (run.eval_every > 0 and step % run.eval_every == 0):
+            val_bpb = evaluate_now(params)
+        if last or (run.sample_every > 0 and step % run.sample_every == 0):
+            history.samples = sample(graphdef, params)
+            for s in history.samples:
+                log(f"sample: {s!r}")
+        if last or (run.save_every > 0 and step % run.save_every == 0):
+            save(params, opt_state, val_bpb)
+    ckpts.close()
+
+    tokens = run.total_batch_size * run.num_iterations
+    steady_tok_s = run.total_batch_size * max(run.num_iterations - 1, 1) / max(loop["total_training_time"], 1e-9)
+    return {
+        "model_config": asdict(config), "num_params": abstract_model(config).num_params(),
+        "num_scaling_params": abstract_model(config).num_scaling_params(),
+        "flops_per_token": abstract_model(config).flops_per_token(), "tokens": tokens,
+        "training_time_s": loop["total_training_time"], "tokens_per_s": steady_tok_s,
+        "mfu": 100 * flops_per_step * steady_tok_s / run.total_batch_size / (peak * dp) if peak else None,
+        "peak_memory_bytes": peak_memory_bytes(), "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": val_bpb,
+        "final_loss": history.train_loss[-1][1] if history.train_loss else None, "history": history,
+        "devices": f"{dp} x {jax.devices()[0].device_kind}", "checkpoint_dir": str(run.checkpoint_dir),
+        "user_config": run.user_config, "params": params,
+    }  # fmt: skip
+
+
+def check_compatible(meta: dict, config: GPTConfig, tokenizer, where) -> None:
+    """A checkpoint resumes only into the same model shape and tokenizer."""
+    saved = GPTConfig(**meta["model_config"])
+    if saved != config:
+        raise UserError(
+            f"checkpoint {where} is for model {asdict(saved)}, not {asdict(config)}: "
+            "pass the same --depth/--aspect-ratio/--head-dim/--max-seq-len/--window-pattern or another --model-tag"
+        )
+    if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint()):
+        raise UserError(
+            f"checkpoint {where} was trained with another tokenizer ({meta['tokenizer_fingerprint']}, this one is "
+            f"{tokenizer.fingerprint()}): use the base dir it was trained in (--base-dir)"
+        )
+
+
+def fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
