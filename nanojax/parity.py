@@ -28,7 +28,9 @@ from nanojax.model import (
     rotary_tables,
     to_nanochat,
 )
-from nanojax.optim import Group, build_optimizer, param_labels, setup_groups
+from nanojax.optim import Group, Schedule, build_optimizer, param_labels, scaled_groups, setup_groups
+from nanojax.sharding import make_mesh
+from nanojax.train import OptimSettings, init_state, make_train_step
 
 # Tolerances suggested by the reference README for a float32 port.
 TOL_LOGITS, TOL_LOGITS_STEP1, TOL_LOSS, TOL_GRAD = 1e-6, 2e-6, 1e-6, 1e-7
@@ -306,3 +308,53 @@ def optimizer_checks(ref: Reference) -> tuple[list[Row], list[str]]:
 def _apply(tx, params, grads, state):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
+
+# --- training trajectory -------------------------------------------------------------------------
+
+TRAJECTORY_MEAN_REL_TOL = 5e-3  # the set's noise note: a faithful float32 replay is well under 0.5%
+
+
+def trajectory_checks(folder) -> tuple[list[Row], list[tuple[int, float, float]]]:
+    """Replay nanochat's own training steps (its init, its micro-batches, its flags) with our train step.
+
+    Returns the summary rows and (step, our loss, nanochat's loss) per step; a step's loss is the mean
+    of its micro-batch losses before its update."""
+    folder = Path(folder)
+    if not (folder / "trajectory.json").is_file():
+        raise UserError(
+            f"no trajectory.json in {folder}: pass a folder like ../shared/reference/nanochat_trajectory_d4"
+        )
+    meta = json.loads((folder / "trajectory.json").read_text())
+    flags = meta["cli"]
+    with np.load(folder / "init.npz") as z:
+        init = prefixed({k: z[k] for k in z.files}, "param/")
+    with np.load(folder / "batches.npz") as z:
+        xs, ys, ref_losses = z["x"], z["y"], z["micro_losses"]
+
+    config = GPTConfig(**meta["derived"]["model_config"])
+    groups = scaled_groups(
+        config.n_embd, flags["depth"], flags["total_batch_size"], embedding_lr=flags["embedding_lr"],
+        unembedding_lr=flags["unembedding_lr"], matrix_lr=flags["matrix_lr"], scalar_lr=flags["scalar_lr"],
+        weight_decay=flags["weight_decay"], adam_betas=(flags["adam_beta1"], flags["adam_beta2"]),
+    )  # fmt: skip
+    schedule = Schedule(flags["num_iterations"], flags["warmup_ratio"], flags["warmdown_ratio"], flags["final_lr_frac"])
+    mesh = make_mesh(1)
+    state = init_state(config, OptimSettings(groups, schedule, "float32"), mesh)
+    state.params = jax.device_put(from_nanochat(init, state.params), state.param_shardings)
+    step_fn = make_train_step(state, mesh)
+
+    params, opt_state, per_step = state.params, state.opt_state, []
+    for i in range(xs.shape[0]):
+        # (A, B, T) as the step takes them: nanochat's micro-batches in the order it consumed them.
+        params, opt_state, losses = step_fn(params, opt_state, jnp.asarray(xs[i]), jnp.asarray(ys[i]))
+        per_step.append((i, float(np.mean(np.asarray(losses, np.float64))), float(ref_losses[i].mean())))
+    rel = np.array([abs(o - r) / abs(r) for _, o, r in per_step])
+    first = abs(per_step[0][1] - per_step[0][2])
+    return [
+        Row(
+            "trajectory mean rel diff", float(rel.mean()), TRAJECTORY_MEAN_REL_TOL, rel.mean() < TRAJECTORY_MEAN_REL_TOL
+        ),
+        Row("trajectory max rel diff", float(rel.max()), float("inf"), True, f"at step {int(rel.argmax())}"),
+        Row("trajectory step 0 loss", first, loss_tolerance(per_step[0][2]), first <= loss_tolerance(per_step[0][2])),
+    ], per_step

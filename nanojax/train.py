@@ -333,6 +333,7 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
                 log(f"sample: {s!r}")
         if last or (run.save_every > 0 and step % run.save_every == 0):
             save(params, opt_state, val_bpb)
+        timer.tick()  # evaluation, sampling and saving don't count as step time
     ckpts.close()
 
     tokens = run.total_batch_size * run.num_iterations
