@@ -253,7 +253,8 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
     if run.resume_from_step >= 0:
         meta = ckpts.read_metadata(run.resume_from_step)
         check_compatible(meta, config, tokenizer, ckpts.step_dir(run.resume_from_step))
-        r = ckpts.restore(run.resume_from_step, *abstract_targets(state))
+        abstract_params, abstract_opt_state = abstract_targets(state)
+        r = ckpts.restore(run.resume_from_step, params=abstract_params, opt_state=abstract_opt_state)
         state.params, state.opt_state, loader_state = r.params, r.opt_state, r.loader_state
         step, loop = r.step, r.metadata["loop_state"]
         history = History(**{k: [tuple(x) for x in v] for k, v in loop.pop("history", {}).items()})
@@ -354,6 +355,11 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
 def check_compatible(meta: dict, config: GPTConfig, tokenizer, where) -> None:
     """A checkpoint resumes only into the same model shape and tokenizer."""
     saved = GPTConfig(**meta["model_config"])
+    if saved.vocab_size != config.vocab_size:
+        raise UserError(
+            f"checkpoint {where} has a {saved.vocab_size}-token vocabulary but the tokenizer has {config.vocab_size}: "
+            "use the base dir (--base-dir) whose tokenizer it was trained with"
+        )
     if saved != config:
         raise UserError(
             f"checkpoint {where} is for model {asdict(saved)}, not {asdict(config)}: "

@@ -1,0 +1,197 @@
+"""The train step and loop: accumulation, sharding, exact resume, bad input. 8 simulated CPU devices."""
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from nanojax import dataset
+from nanojax.checkpoint import Checkpoints
+from nanojax.common import UserError
+from nanojax.model import GPT, GPTConfig
+from nanojax.optim import Schedule, setup_groups
+from nanojax.pretrain import pretrain
+from nanojax.sharding import make_mesh, tree_shardings
+from nanojax.tokenizer import Tokenizer, tokenizer_dir
+from nanojax.train import OptimSettings, TrainState, init_state, make_train_step
+from scripts.pretrain import parse_args
+
+CONFIG = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
+
+
+def batch(seed, A, B, T=16, vocab=96):
+    tok = np.random.default_rng(seed).integers(0, vocab, size=(A, B, T + 1)).astype(np.int32)
+    return jnp.asarray(tok[..., :-1]), jnp.asarray(tok[..., 1:])
+
+
+def perturbed(params):
+    return jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+
+
+def sgd_state(mesh):
+    """The real model with plain SGD (lr 1), so that params - new params = the step's gradient."""
+    params = perturbed(nnx.state(GPT(CONFIG, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
+    tx = optax.sgd(1.0)
+    sh = tree_shardings(params, mesh)
+    graphdef = nnx.graphdef(GPT(CONFIG, rngs=nnx.Rngs(0)))
+    return TrainState(graphdef, tx, params, tx.init(params), sh, tree_shardings(tx.init(params), mesh))
+
+
+def test_micro_batched_gradients_equal_full_batch():
+    mesh = make_mesh(1)
+    x, y = batch(0, 1, 4)
+    grads = {}
+    for A in (1, 2, 4):
+        state = sgd_state(mesh)
+        before = state.params
+        step = make_train_step(state, mesh)
+        after, _, _ = step(
+            jax.tree.map(jnp.copy, before), state.opt_state, x.reshape(A, 4 // A, 16), y.reshape(A, 4 // A, 16)
+        )
+        grads[A] = jax.tree.map(lambda a, b: np.asarray(a - b), before, after)
+    for A in (2, 4):
+        for g1, gA in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[A]), strict=True):
+            np.testing.assert_allclose(gA, g1, atol=1e-6)
+
+
+OPTIM = OptimSettings(setup_groups(64, weight_decay=0.1), Schedule(10))
+
+
+def initial_params(state):
+    # Live projections: at init (c_proj = 0) the lambdas' gradients are pure rounding noise.
+    return perturbed(jax.device_get(state.params))
+
+
+def run_steps(mesh, fsdp, n):
+    state = init_state(CONFIG, OPTIM, mesh, fsdp=fsdp, seed=3)
+    state.params = jax.device_put(initial_params(state), state.param_shardings)
+    step = make_train_step(state, mesh)
+    params, opt_state, losses = state.params, state.opt_state, []
+    for i in range(n):
+        x, y = batch(i, 2, 8)
+        params, opt_state, loss = step(params, opt_state, x, y)
+        losses.append(np.asarray(loss))
+    return jax.device_get(params), np.array(losses)
+
+
+def first_step_gradients():
+    state = init_state(CONFIG, OPTIM, make_mesh(1), seed=3)
+    x, y = batch(0, 2, 8)
+    loss = lambda p: sum(nnx.merge(state.graphdef, p).loss(x[i], y[i]) for i in range(2)) / 2  # noqa: E731
+    return jax.grad(loss)(initial_params(state))
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return run_steps(make_mesh(1), False, 1)[0], run_steps(make_mesh(1), False, 3)[1], first_step_gradients()
+
+
+@pytest.mark.parametrize("devices,fsdp", [(4, False), (4, True), (8, True)])
+def test_sharded_steps_equal_single_device(single_device, devices, fsdp):
+    p1, l1, grads = single_device
+    np.testing.assert_allclose(run_steps(make_mesh(devices), fsdp, 3)[1], l1, atol=1e-5)
+    pn = run_steps(make_mesh(devices), fsdp, 1)[0]
+    for a, b, g in zip(jax.tree.leaves(pn), jax.tree.leaves(p1), jax.tree.leaves(grads), strict=True):
+        off = np.abs(np.asarray(a) - np.asarray(b)) > 1e-5
+        # AdamW's first step is lr * g / (|g| + 1e-10): a gradient at rounding-noise level (a sum that
+        # cancels, ~1e-10) becomes an lr-sized step whose size depends on the reduction order. Only such
+        # elements may differ.
+        assert not (off & (np.abs(np.asarray(g)) > 1e-8)).any()
+
+
+# --- the loop, end to end on a tiny corpus -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("base")
+    docs = base / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "x", "=", "+", "(", ")", ":", "\n"]
+    for i in range(60):
+        (docs / f"{i}.txt").write_text(" ".join(rng.choice(words, size=rng.integers(20, 200))))
+    dataset.prepare_data([str(docs)], base)
+    Tokenizer.train(dataset.iter_documents([str(docs)]), 300).save(tokenizer_dir(base))
+    return base
+
+
+def flags(base, *extra):
+    return parse_args([
+        "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32", "--device-batch-size=1",
+        "--total-batch-size=512", "--eval-tokens=512", "--sample-every=-1", "--eval-every=-1",
+        "--window-pattern=SL", f"--base-dir={base}", *extra,
+    ])  # fmt: skip
+
+
+def run(base, *extra):
+    return pretrain(flags(base, *extra), base, ["alpha"])[0]
+
+
+def test_loss_falls_and_report_is_written(base_dir):
+    s = run(base_dir, "--num-iterations=30", "--model-tag=falls", "--embedding-lr=0.5", "--matrix-lr=0.05")
+    losses = [loss for _, loss in s["history"].train_loss]
+    assert losses[0] == pytest.approx(np.log(300), abs=0.2)
+    assert losses[-1] < losses[0] - 0.5  # the corpus is random words: its entropy floor is high
+    folder = Path(s["checkpoint_dir"])
+    assert (folder / "report.md").is_file() and (folder / "loss.png").stat().st_size > 1000
+    assert s["final_val_bpb"] > 0 and s["peak_memory_bytes"] > 0
+
+
+def test_resume_continues_exactly(base_dir):
+    full = run(base_dir, "--num-iterations=6", "--save-every=3", "--model-tag=resume")
+    folder = Path(full["checkpoint_dir"])
+    assert Checkpoints(folder).steps() == [3, 6]
+    shutil.rmtree(folder / "6")
+    resumed = run(base_dir, "--num-iterations=6", "--save-every=3", "--model-tag=resume", "--resume-from-step=3")
+    assert resumed["history"].train_loss == full["history"].train_loss
+    for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fsdp_checkpoint_restores_on_one_device(base_dir):
+    s = run(base_dir, "--num-iterations=2", "--model-tag=fsdp", "--fsdp")
+    assert any(
+        len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(s["params"])
+    )
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), s["params"])
+    restored = Checkpoints(s["checkpoint_dir"]).restore_params(params=target).params
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(s["params"]), strict=True):
+        assert a.sharding == one
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_inputs_are_one_line_errors(base_dir):
+    with pytest.raises(UserError, match="not divisible"):
+        run(base_dir, "--num-iterations=1", "--total-batch-size=500")
+    run(base_dir, "--num-iterations=1", "--model-tag=bad")
+    with pytest.raises(UserError, match="no checkpoint for step 7"):
+        run(base_dir, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=7")
+    with pytest.raises(UserError, match="is for model"):
+        run(base_dir, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1", "--depth=3")
+    reversed_docs = ["".join(reversed(d)) for d in dataset.iter_documents([str(base_dir / "docs")])]
+    other = Tokenizer.train(reversed_docs, 300)  # same vocabulary size, other merges
+    other.save(tokenizer_dir(base_dir / "other"))
+    shutil.copytree(base_dir / "base_data", base_dir / "other" / "base_data")
+    shutil.copytree(base_dir / "base_checkpoints", base_dir / "other" / "base_checkpoints")
+    with pytest.raises(UserError, match="another tokenizer"):
+        run(base_dir / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
+    Tokenizer.train(reversed_docs, 280).save(tokenizer_dir(base_dir / "other"))
+    with pytest.raises(UserError, match="280.token vocabulary|vocabulary"):
+        run(base_dir / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base_dir):
+    with pytest.raises(UserError, match="loss became"):
+        run(base_dir, "--num-iterations=8", "--save-every=1", "--model-tag=nan", "--unembedding-lr=1e38",
+            "--embedding-lr=1e38", "--matrix-lr=1e38")  # fmt: skip
+    ckpts = Checkpoints(base_dir / "base_checkpoints" / "nan")
+    assert ckpts.steps()
+    restored = ckpts.restore_params()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
