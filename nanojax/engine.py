@@ -419,7 +419,7 @@ def load_model(checkpoint_dir, step: int | None = None, dtype=jnp.float32) -> tu
     meta = ckpts.read_metadata(step)
     model = abstract_model(GPTConfig(**meta["model_config"]), dtype)
     graphdef, abstract = nnx.split(model)
-    params = ckpts.restore_params(step, params=abstract.to_pure_dict()).params
+    params = ckpts.restore_params(step, params=nnx.to_pure_dict(abstract)).params
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract), meta
 

@@ -28,7 +28,7 @@ import bisect
 import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grain
@@ -239,6 +239,61 @@ def make_loader(
     return loader
 
 
-def make_val_loader(shard_paths, tokenizer, batch_size: int, seq_len: int, **kwargs) -> Loader:
-    """Validation batches, the same ones on every call (a fresh loader is deterministic): one per eval."""
-    return make_loader(shard_paths, tokenizer, batch_size, seq_len, **kwargs)
+def make_val_loader(
+    shard_paths, tokenizer, batch_size: int, seq_len: int, *, process_index: int = 0, process_count: int = 1, **kwargs
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Validation batches, the same on every call and for any process count: every process reads one
+    global stream (the validation split is small) and keeps its own batch_size rows of each batch."""
+    loader = make_loader(
+        shard_paths, tokenizer, batch_size * process_count, seq_len, process_index=0, process_count=1, **kwargs
+    )
+    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    for inputs, targets in loader:
+        yield inputs[rows], targets[rows]
+
+
+class Readers:
+    """Several independent loaders ("readers") side by side: each contributes its rows to every batch.
+
+    Reader r of R reads every R-th chunk, whichever process runs it, so a run's data depends on R
+    alone: a single process running 2 readers sees the batches of a 2-process run, and a checkpoint
+    resumes on any process count that divides R. The state maps reader index -> loader state."""
+
+    def __init__(self, shard_paths, tokenizer, rows: int, seq_len: int, readers: range, reader_count: int, state=None):
+        if rows % len(readers):
+            raise UserError(
+                f"{rows} rows per batch can't be split over {len(readers)} data readers: change --data-readers"
+            )
+        saved = (state or {}).get("readers", {})
+        if state is not None and set(saved) != {str(r) for r in range(reader_count)}:
+            raise UserError(
+                f"the checkpoint's loader state has {len(saved)} data readers, this run {reader_count}: "
+                f"pass --data-readers={len(saved)}"
+            )
+        self.loaders = {
+            r: make_loader(
+                shard_paths,
+                tokenizer,
+                rows // len(readers),
+                seq_len,
+                state=saved.get(str(r)),
+                process_index=r,
+                process_count=reader_count,
+            )  # fmt: skip
+            for r in readers
+        }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        inputs, targets = zip(*(next(loader) for loader in self.loaders.values()), strict=True)
+        return np.concatenate(inputs), np.concatenate(targets)
+
+    @property
+    def epoch(self) -> int:
+        return min(loader.epoch for loader in self.loaders.values())
+
+    def get_state(self) -> dict:
+        """This process's readers only; `train` merges the states of all processes before saving."""
+        return {"readers": {str(r): loader.get_state() for r, loader in self.loaders.items()}}

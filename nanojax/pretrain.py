@@ -6,11 +6,12 @@ scripts/pretrain.py parses the flags (nanochat's base_train names) and calls `pr
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nanojax import dataset
 from nanojax.common import UserError
 from nanojax.engine import sample_texts
-from nanojax.loader import make_loader, make_val_loader
+from nanojax.loader import Readers, make_val_loader
 from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.report import write_report
@@ -66,18 +67,37 @@ def pretrain(args, base_dir, prompts):
 
     def sample(graphdef, params):
         forward = jax.jit(lambda p, idx: nnx.merge(graphdef, p)(idx))
-        return sample_texts(lambda idx: forward(params, jnp.asarray(idx)), tokenizer, prompts)
+        # Every process passes the same prompts: a replicated global array, as params are.
+        return sample_texts(lambda idx: forward(params, replicate(idx, params)), tokenizer, prompts)
 
     summary = train(
         run,
         tokenizer,
-        make_train_loader=lambda state, rows: make_loader(train_shards, tokenizer, rows, T, state=state),
-        val_batches=lambda rows: make_val_loader(val_shards, tokenizer, rows, T),
+        make_train_loader=lambda state, rows: make_readers(train_shards, tokenizer, rows, T, args.data_readers, state),
+        val_batches=lambda rows: make_val_loader(
+            val_shards, tokenizer, rows, T, process_index=jax.process_index(), process_count=jax.process_count()
+        ),
         sample=sample,
         on_metrics=wandb_logger(args.run, vars(args)),
     )
     report = write_report(run.checkpoint_dir, summary, f"nanojax pretraining report: {tag}")
     return summary, report
+
+
+def replicate(host_array, like):
+    """A host array as a global array replicated over the mesh of `like` (any leaf of the params)."""
+    mesh = jax.tree.leaves(like)[0].sharding.mesh
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), jnp.asarray(host_array))
+
+
+def make_readers(shards, tokenizer, rows: int, seq_len: int, data_readers: int | None, state) -> Readers:
+    """This process's share of the data readers (default: one per process)."""
+    count, index = jax.process_count(), jax.process_index()
+    readers = data_readers or count
+    if readers % count:
+        raise UserError(f"--data-readers {readers} must be a multiple of the process count {count}")
+    per = readers // count
+    return Readers(shards, tokenizer, rows, seq_len, range(index * per, (index + 1) * per), readers, state)
 
 
 def wandb_logger(run_name: str, config: dict):

@@ -10,6 +10,7 @@ how finetuning masks its loss: pretraining and SFT share this step.
 """
 
 import itertools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -289,7 +290,7 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
             "device_batch_size": run.device_batch_size, "max_seq_len": T, "loop_state": loop_state,
             "tokenizer_fingerprint": tokenizer.fingerprint(), "nanojax_version": __version__,
         }  # fmt: skip
-        ckpts.save(step, params, opt_state, loader_state, meta)
+        ckpts.save(step, params, opt_state, all_processes_state(loader_state), meta)
 
     params, opt_state = state.params, state.opt_state
     del state  # the step donates these buffers: keep no second reference
@@ -350,6 +351,22 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
         "devices": f"{dp} x {jax.devices()[0].device_kind}", "checkpoint_dir": str(run.checkpoint_dir),
         "user_config": run.user_config, "params": params,
     }  # fmt: skip
+
+
+def all_processes_state(state: dict) -> dict:
+    """Merge the loader states of every process (each holds its own readers) for the checkpoint."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([blob.size]))))
+    padded = np.zeros(size, np.uint8)
+    padded[: blob.size] = blob
+    merged = {"readers": {}}
+    for row in multihost_utils.process_allgather(padded):
+        merged["readers"] |= json.loads(bytes(row).rstrip(b"\0").decode())["readers"]
+    return merged
 
 
 def check_compatible(meta: dict, config: GPTConfig, tokenizer, where) -> None:

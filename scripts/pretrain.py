@@ -63,6 +63,8 @@ def parse_args(argv=None):
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="matmul dtype; auto: float32 on CPU, bfloat16 on accelerators (params, loss stay float32)")  # fmt: skip
     a("--fsdp", action="store_true", help="shard params and optimizer state over the data axis")
+    a("--data-readers", type=int, default=None, help="independent data streams (default: one per process); the "
+      "data order depends on this number alone, so fixing it keeps a run's batches across process counts")  # fmt: skip
     a("--seed", type=int, default=0, help="parameter initialisation seed")
     return p.parse_args(argv)
 

@@ -45,9 +45,13 @@ def model():
     return nnx.merge(graphdef, params)
 
 
+@nnx.jit
+def full_logits(model, idx_BT):
+    return model(idx_BT)
+
+
 def uncached_greedy(model, prompt, n):
-    forward = jax.jit(lambda idx: model(jnp.asarray(idx)))
-    tokens, logits = greedy(forward, [prompt], n)
+    tokens, logits = greedy(lambda idx: full_logits(model, jnp.asarray(idx)), [prompt], n)
     return tokens[0], logits[0]
 
 
@@ -56,9 +60,9 @@ def uncached_greedy(model, prompt, n):
 
 def test_cached_logits_equal_full_forward(model):
     idx = np.random.default_rng(0).integers(0, CONFIG.vocab_size, size=(2, 40)).astype(np.int32)
-    full_BTV = np.asarray(model(jnp.asarray(idx)))
+    full_BTV = np.asarray(full_logits(model, jnp.asarray(idx)))
     cache = init_cache(CONFIG, 2, bucket(40))
-    x_BTD, cache = forward_cached(model, jnp.asarray(idx[:, :7]), 0, cache)
+    x_BTD, cache = nnx.jit(forward_cached)(model, jnp.asarray(idx[:, :7]), 0, cache)
     np.testing.assert_allclose(model.head(x_BTD), full_BTV[:, :7], atol=1e-5)
     graphdef, params = nnx.split(model)
     for t in range(7, 40):  # one token at a time, past sequence_len (16) and the short window (8)
@@ -81,17 +85,17 @@ def test_cached_greedy_equals_uncached(model):
 def test_reference_generation(reference_dir, name):
     ref = Reference(reference_dir / "nanochat_vectors" / f"{name}.json")
     a = ref.arrays
-    prompt = a["gen_prompt"].tolist()
+    prompt, n = a["gen_prompt"].tolist(), len(a["gen_long_tokens_step1"])
     for key, prefix in (("gen_tokens", "param/"), ("gen_tokens_step1", "step1/"), ("gen_long_tokens_step1", "step1/")):
         model = nnx.merge(ref.graphdef, ref.params(prefix))
         want = a[key].tolist()
-        # Two rows sharing one prefill, as the reference's generate_batch check.
-        results, _ = Engine(model).generate_batch(prompt, num_samples=2, max_tokens=len(want), temperature=0.0)
-        assert results == [prompt + want] * 2, key
-        tokens, logits = cached_greedy(model, prompt, len(want))
-        assert tokens == want, key
-        if key == "gen_long_tokens_step1":
-            np.testing.assert_allclose(logits, a["gen_long_logits_step1"], atol=2e-6, rtol=0)
+        # Two rows sharing one prefill, as the reference's generate_batch check; n tokens every time
+        # so that the three runs share one compilation.
+        results, _ = Engine(model).generate_batch(prompt, num_samples=2, max_tokens=n, temperature=0.0)
+        assert [r[: len(prompt) + len(want)] for r in results] == [prompt + want] * 2, key
+    tokens, logits = cached_greedy(model, prompt, n)
+    assert tokens == want
+    np.testing.assert_allclose(logits, a["gen_long_logits_step1"], atol=2e-6, rtol=0)
 
 
 # --- compilation ----------------------------------------------------------------------------------
@@ -106,11 +110,11 @@ def test_no_recompiles_within_a_bucket(model):
 
     run(3, 5)  # compiles prefill for bucket 16 and decode_chunk for a 16-position cache
     sizes = prefill._cache_size(), decode_chunk._cache_size()
-    for prompt_len, max_tokens in ((5, 9), (9, 7), (12, 4), (16, 0 + 1)):
+    for prompt_len, max_tokens in ((5, 9), (9, 7), (12, 4), (2, 14)):  # all within 16 positions
         run(prompt_len, max_tokens)
     assert (prefill._cache_size(), decode_chunk._cache_size()) == sizes
     # A second engine on other weights of the same shape reuses the compilations too.
-    Engine(GPT(CONFIG, rngs=nnx.Rngs(5))).generate_batch([1, 2], max_tokens=3)
+    Engine(GPT(CONFIG, rngs=nnx.Rngs(5))).generate_batch([1, 2], max_tokens=3, temperature=0.5, top_k=5)
     assert (prefill._cache_size(), decode_chunk._cache_size()) == sizes
 
     cached_greedy(model, [1, 2, 3], 6)
@@ -134,21 +138,17 @@ def test_seeded_sampling_is_reproducible(model):
     assert all(len(r) == 33 and m == [0] * 3 + [1] * 30 for r, m in zip(first, masks, strict=True))
 
 
-def test_top_k_one_is_greedy(model):
-    prompt = [11, 12]
-    greedy_tokens, _ = cached_greedy(model, prompt, 20)
-    results, _ = Engine(model).generate_batch(prompt, num_samples=3, max_tokens=20, temperature=2.0, top_k=1)
-    assert results == [prompt + greedy_tokens] * 3
-
-
-def test_top_k_limits_the_choices(model):
-    """With top_k=2 every sampled token is one of the two most likely at its step."""
+def test_top_k(model):
     prompt = [20, 21, 22]
-    results, _ = Engine(model).generate_batch(prompt, num_samples=4, max_tokens=12, temperature=5.0, top_k=2, seed=0)
-    for row in results:
-        logits = np.asarray(model(jnp.asarray([row])))[0]
-        for t in range(len(prompt), len(row)):
-            assert row[t] in np.argsort(logits[t - 1])[-2:]
+    kw = dict(num_samples=4, max_tokens=12, temperature=5.0, seed=0)
+    results, _ = Engine(model).generate_batch(prompt, top_k=2, **kw)
+    logits_BTV = np.asarray(full_logits(model, jnp.asarray(results)))
+    top2_BT2 = np.argsort(logits_BTV, axis=-1)[..., -2:]
+    for row, top2_T2 in zip(results, top2_BT2, strict=True):  # each token among the two most likely
+        assert all(row[t] in top2_T2[t - 1] for t in range(len(prompt), len(row)))
+    assert len({t for row in results for t in row[len(prompt) :]}) > 12  # and not only the most likely
+    greedy_tokens, _ = cached_greedy(model, prompt, 12)
+    assert Engine(model).generate_batch(prompt, top_k=1, **kw)[0] == [prompt + greedy_tokens] * 4
 
 
 # --- stop tokens and the calculator tool ----------------------------------------------------------
@@ -178,16 +178,18 @@ def ids(*tokens):
     return [VOCAB.index(t) for s in tokens for t in ([s] if s in VOCAB else list(s))]
 
 
-def chain_model(sequence):
-    """A GPT whose greedy next token after sequence[i] is sequence[i+1]: with every block's output
-    projection at zero the blocks add nothing, so a one-hot embedding and lm_head make a bigram table."""
+def chain_model(*sequences):
+    """A GPT whose greedy next token after s[i] is s[i+1] in each sequence s, and token 0 (<|bos|>)
+    after tokens that lead nowhere. With every block's output projection at zero (as at init) the
+    blocks add nothing, so a one-hot embedding and lm_head make a bigram table."""
     config = GPTConfig(sequence_len=32, vocab_size=len(VOCAB), n_layer=1, n_head=1, n_kv_head=1, n_embd=64,
                        window_pattern="L")  # fmt: skip
     model = GPT(config, rngs=nnx.Rngs(0))
     kernel = np.zeros((64, config.padded_vocab_size), np.float32)
-    for a, b in zip(sequence, sequence[1:], strict=False):
-        assert not kernel[a].any(), "each token may lead to one successor"
-        kernel[a, b] = 1.0
+    for s in sequences:
+        for a, b in zip(s, s[1:], strict=False):
+            assert not kernel[a].any(), "each token may lead to one successor"
+            kernel[a, b] = 1.0
     model.wte[...] = jnp.eye(config.padded_vocab_size, 64)
     model.lm_head.kernel[...] = jnp.asarray(kernel)
     return model
@@ -197,15 +199,13 @@ def chain_model(sequence):
 def test_tool_call_output_is_forced(chunk):
     bos = ids("<|bos|>")
     call = ids("<|python_start|>", "12+3", "<|python_end|>")
-    model = chain_model(bos + call + ids("x", "<|assistant_end|>"))
+    # The model would answer the call with "x"; after the output it goes on with "y".
+    model = chain_model(bos + call + ids("x"), ids("<|output_end|>", "y", "<|assistant_end|>"))
     engine = Engine(model, CharTokenizer(), chunk=chunk)
     columns = list(engine.generate(bos, max_tokens=30, temperature=0.0))
-    tokens = [c[0] for c, _ in columns]
-    forced_output = ids("<|output_start|>", "15", "<|output_end|>")
-    # After the output the bigram table gives <|output_end|> no successor: it predicts token 0.
-    assert tokens[: len(call) + 4] == call + forced_output
-    assert [m[0] for _, m in columns][: len(call) + 4] == [1] * len(call) + [0] * 4
-    assert tokens[len(call) + 4] == 0  # sampled again after the output
+    output = ids("<|output_start|>", "15", "<|output_end|>")
+    assert [c[0] for c, _ in columns] == call + output + ids("y", "<|assistant_end|>")
+    assert [m[0] for _, m in columns] == [1] * len(call) + [0] * len(output) + [1, 1]
 
 
 def test_refused_tool_call_is_not_answered():
@@ -228,7 +228,7 @@ def test_stop_tokens_end_generation():
 
 @pytest.mark.parametrize(
     "expr,value",
-    [("12+3", "15"), ("1,234 * 2", "2468"), ("2**10", "1024"), ("-(7 // 2) % 5", "1"), ("1/4", "0.25"),
+    [("12+3", "15"), ("1,234 * 2", "2468"), ("2**10", "1024"), ("-(7 // 2) % 5", "2"), ("1/4", "0.25"),
      ("'strawberry'.count('r')", "3"), ('"Hello".upper()', "HELLO"), ("'a b c'.split()", "['a', 'b', 'c']")],
 )  # fmt: skip
 def test_calculator(expr, value):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TINY_RUN
 from flax import nnx
 
 from nanojax import dataset
@@ -107,34 +108,12 @@ def test_sharded_steps_equal_single_device(single_device, devices, fsdp):
 # --- the loop, end to end on a tiny corpus -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("base")
-    docs = base / "docs"
-    docs.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "x", "=", "+", "(", ")", ":", "\n"]
-    for i in range(60):
-        (docs / f"{i}.txt").write_text(" ".join(rng.choice(words, size=rng.integers(20, 200))))
-    dataset.prepare_data([str(docs)], base)
-    Tokenizer.train(dataset.iter_documents([str(docs)]), 300).save(tokenizer_dir(base))
-    return base
-
-
-def flags(base, *extra):
-    return parse_args([
-        "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32", "--device-batch-size=1",
-        "--total-batch-size=512", "--eval-tokens=512", "--sample-every=-1", "--eval-every=-1",
-        "--window-pattern=SL", f"--base-dir={base}", *extra,
-    ])  # fmt: skip
-
-
 def run(base, *extra):
-    return pretrain(flags(base, *extra), base, ["alpha"])[0]
+    return pretrain(parse_args([*TINY_RUN, f"--base-dir={base}", *extra]), base, ["alpha"])[0]
 
 
-def test_loss_falls_and_report_is_written(base_dir):
-    s = run(base_dir, "--num-iterations=30", "--model-tag=falls", "--embedding-lr=0.5", "--matrix-lr=0.05")
+def test_loss_falls_and_report_is_written(tiny_base):
+    s = run(tiny_base, "--num-iterations=30", "--model-tag=falls", "--embedding-lr=0.5", "--matrix-lr=0.05")
     losses = [loss for _, loss in s["history"].train_loss]
     assert losses[0] == pytest.approx(np.log(300), abs=0.2)
     assert losses[-1] < losses[0] - 0.5  # the corpus is random words: its entropy floor is high
@@ -143,19 +122,19 @@ def test_loss_falls_and_report_is_written(base_dir):
     assert s["final_val_bpb"] > 0 and s["peak_memory_bytes"] > 0
 
 
-def test_resume_continues_exactly(base_dir):
-    full = run(base_dir, "--num-iterations=6", "--save-every=3", "--model-tag=resume")
+def test_resume_continues_exactly(tiny_base):
+    full = run(tiny_base, "--num-iterations=6", "--save-every=3", "--model-tag=resume")
     folder = Path(full["checkpoint_dir"])
     assert Checkpoints(folder).steps() == [3, 6]
     shutil.rmtree(folder / "6")
-    resumed = run(base_dir, "--num-iterations=6", "--save-every=3", "--model-tag=resume", "--resume-from-step=3")
+    resumed = run(tiny_base, "--num-iterations=6", "--save-every=3", "--model-tag=resume", "--resume-from-step=3")
     assert resumed["history"].train_loss == full["history"].train_loss
     for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_fsdp_checkpoint_restores_on_one_device(base_dir):
-    s = run(base_dir, "--num-iterations=2", "--model-tag=fsdp", "--fsdp")
+def test_fsdp_checkpoint_restores_on_one_device(tiny_base):
+    s = run(tiny_base, "--num-iterations=2", "--model-tag=fsdp", "--fsdp")
     assert any(
         len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(s["params"])
     )
@@ -167,31 +146,31 @@ def test_fsdp_checkpoint_restores_on_one_device(base_dir):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_bad_inputs_are_one_line_errors(base_dir):
+def test_bad_inputs_are_one_line_errors(tiny_base):
     with pytest.raises(UserError, match="not divisible"):
-        run(base_dir, "--num-iterations=1", "--total-batch-size=500")
-    run(base_dir, "--num-iterations=1", "--model-tag=bad")
+        run(tiny_base, "--num-iterations=1", "--total-batch-size=500")
+    run(tiny_base, "--num-iterations=1", "--model-tag=bad")
     with pytest.raises(UserError, match="no checkpoint for step 7"):
-        run(base_dir, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=7")
+        run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=7")
     with pytest.raises(UserError, match="is for model"):
-        run(base_dir, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1", "--depth=3")
-    reversed_docs = ["".join(reversed(d)) for d in dataset.iter_documents([str(base_dir / "docs")])]
+        run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1", "--depth=3")
+    reversed_docs = ["".join(reversed(d)) for d in dataset.iter_documents([str(tiny_base / "docs")])]
     other = Tokenizer.train(reversed_docs, 300)  # same vocabulary size, other merges
-    other.save(tokenizer_dir(base_dir / "other"))
-    shutil.copytree(base_dir / "base_data", base_dir / "other" / "base_data")
-    shutil.copytree(base_dir / "base_checkpoints", base_dir / "other" / "base_checkpoints")
+    other.save(tokenizer_dir(tiny_base / "other"))
+    shutil.copytree(tiny_base / "base_data", tiny_base / "other" / "base_data")
+    shutil.copytree(tiny_base / "base_checkpoints", tiny_base / "other" / "base_checkpoints")
     with pytest.raises(UserError, match="another tokenizer"):
-        run(base_dir / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
-    Tokenizer.train(reversed_docs, 280).save(tokenizer_dir(base_dir / "other"))
+        run(tiny_base / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
+    Tokenizer.train(reversed_docs, 280).save(tokenizer_dir(tiny_base / "other"))
     with pytest.raises(UserError, match="280.token vocabulary|vocabulary"):
-        run(base_dir / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
+        run(tiny_base / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base_dir):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base):
     with pytest.raises(UserError, match="loss became"):
-        run(base_dir, "--num-iterations=8", "--save-every=1", "--model-tag=nan", "--unembedding-lr=1e38",
+        run(tiny_base, "--num-iterations=8", "--save-every=1", "--model-tag=nan", "--unembedding-lr=1e38",
             "--embedding-lr=1e38", "--matrix-lr=1e38")  # fmt: skip
-    ckpts = Checkpoints(base_dir / "base_checkpoints" / "nan")
+    ckpts = Checkpoints(tiny_base / "base_checkpoints" / "nan")
     assert ckpts.steps()
     restored = ckpts.restore_params()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))

@@ -1,0 +1,56 @@
+"""A two-process run on one machine (jax.distributed on 127.0.0.1, CPU collectives, 2 simulated devices
+each) gives the losses of one process with 4 devices: how a multi-host run is known to work before it
+meets a cluster."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import TINY_RUN
+
+REPO = Path(__file__).resolve().parents[1]
+# 4 devices in all, each 1 row of 32 tokens: total 512 = 4 micro-steps. Two data readers in both runs.
+FLAGS = [*TINY_RUN, "--num-iterations=4", "--data-readers=2", "--eval-tokens=256"]
+
+
+def launch(base, tag, devices, process_id=None, port=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env |= {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    if process_id is not None:
+        env |= {
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(process_id),
+        }
+    cmd = [sys.executable, "-m", "scripts.pretrain", *FLAGS, f"--base-dir={base}", f"--model-tag={tag}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(proc) -> list[float]:
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out = proc.communicate()[0]
+    assert proc.returncode == 0, out[-3000:]
+    return [float(m[1]) for m in re.finditer(r"step \d+/\d+ .*?\| loss ([\d.]+)", out)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_four_devices(tiny_base):
+    port = free_port()
+    procs = [launch(tiny_base, "two", 2, i, port) for i in (0, 1)]
+    two = [losses(p) for p in procs]
+    one = losses(launch(tiny_base, "one", 4))
+    assert len(one) == 4 and two[0] == two[1]
+    np.testing.assert_allclose(two[0], one, atol=2e-6)
+    assert (tiny_base / "base_checkpoints" / "two" / "4").is_dir()
