@@ -13,8 +13,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,convert]"
 	touch $(STAMP)
 
+# The seed run of nanochat on a CPU: data, tokenizer, a 5M-parameter model, samples from its checkpoint.
+SEED_RUN := --depth=4 --aspect-ratio=32 --head-dim=64 --max-seq-len=512 --device-batch-size=1 \
+	--total-batch-size=4096 --num-iterations=100 --embedding-lr=0.3 --matrix-lr=0.02 \
+	--unembedding-lr=0.004 --weight-decay=0.1
 run: $(STAMP)
+	$(PY) -m scripts.prepare_data
 	$(PY) -m scripts.tok_train --vocab-size 8192 --max-chars 10000000
+	$(PY) -m scripts.pretrain $(SEED_RUN) --save-every=50 --eval-every=50 --eval-tokens=131072 \
+		--sample-every=50 --model-tag=d4
+	$(PY) -m scripts.sample --model-tag=d4 --prompt "def main(" --prompt "import " --max-tokens 48
 
 test: $(STAMP)
 	$(PY) -m pytest -q

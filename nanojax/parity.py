@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from nanojax.common import UserError
-from nanojax.engine import greedy
+from nanojax.engine import cached_greedy, greedy
 from nanojax.evaluate import bits_per_byte, bpb_sums
 from nanojax.model import (
     GPT,
@@ -199,12 +199,14 @@ def generation_checks(ref: Reference, p0) -> tuple[list[Row], list[str]]:
             skipped.append(key)
             continue
         params = p0 if prefix == "param/" else ref.params(prefix)
-        tokens, logits = ref.greedy(params, prompt, len(a[key]))
-        mismatches = int(np.sum(tokens != a[key]))
-        rows.append(Row(f"{key} (uncached)", mismatches, 0, mismatches == 0, f"{mismatches} tokens differ"))
-        if logits_key and ref.has(logits_key):
-            d = max_diff(logits, a[logits_key])
-            rows.append(Row(f"{logits_key} (uncached)", d, TOL_LOGITS_STEP1, d <= TOL_LOGITS_STEP1))
+        uncached = ref.greedy(params, prompt, len(a[key]))
+        cached = cached_greedy(nnx.merge(ref.graphdef, params), list(prompt), len(a[key]))
+        for how, (tokens, logits) in (("uncached", uncached), ("KV cache", cached)):
+            mismatches = int(np.sum(np.asarray(tokens) != a[key]))
+            rows.append(Row(f"{key} ({how})", mismatches, 0, mismatches == 0, f"{mismatches} tokens differ"))
+            if logits_key and ref.has(logits_key):
+                d = max_diff(logits, a[logits_key])
+                rows.append(Row(f"{logits_key} ({how})", d, TOL_LOGITS_STEP1, d <= TOL_LOGITS_STEP1))
     return rows, skipped
 
 

@@ -244,6 +244,8 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
     dtype = jnp.dtype(run.dtype)
 
     state = init_state(config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed)
+    if run.resume_from_step < 0:
+        set_aside_previous_run(Path(run.checkpoint_dir), log)
     ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints)
     step, loop, loader_state = (
         0,
@@ -351,6 +353,18 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
         "devices": f"{dp} x {jax.devices()[0].device_kind}", "checkpoint_dir": str(run.checkpoint_dir),
         "user_config": run.user_config, "params": params,
     }  # fmt: skip
+
+
+def set_aside_previous_run(folder: Path, log) -> None:
+    """A fresh run in a folder holding another run's checkpoints renames that folder: nothing is lost."""
+    if jax.process_index() == 0 and folder.is_dir() and any(folder.iterdir()):
+        aside = folder.with_name(f"{folder.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        log(f"{folder} held an earlier run: moved it to {aside}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("checkpoint folder ready")
 
 
 def all_processes_state(state: dict) -> dict:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from nanojax.parity import run_checks
+from nanojax.parity import run_checks, trajectory_checks
 
 
 @pytest.mark.parametrize("name", ["a", "b"])
@@ -25,3 +25,9 @@ def test_script_reports_missing_set(tmp_path):
     )  # fmt: skip
     assert out.returncode != 0
     assert out.stderr.strip().count("\n") == 0 and "no vector set" in out.stderr
+
+
+def test_training_trajectory_matches_nanochat(reference_dir):
+    rows, per_step = trajectory_checks(reference_dir / "nanochat_trajectory_d4")
+    assert len(per_step) == 20
+    assert all(r.ok for r in rows), rows

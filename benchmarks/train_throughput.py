@@ -1,0 +1,173 @@
+"""Training throughput of the jitted, donated train step (nanojax.train) on random token batches.
+
+    python -m benchmarks.train_throughput                                   # the d4 seed config, batch 1 and 8
+    python -m benchmarks.train_throughput --device-batch-size 8 --dtype float32 --dtype bfloat16
+    python -m benchmarks.train_throughput --depth 12 --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 \\
+        --vocab-size 32768 --total-batch-size 524288 --device-batch-size 32
+
+Prints the machine, then one row per (device batch, dtype): the first call (compilation + one step),
+the steady step time and tokens/s (median over --steps, each step waited for), peak memory and MFU
+where the device's peak FLOPs are known. A second table times one optimizer update alone against one
+forward+backward of a single 1 x T row. The batches are random tokens: the loader has its own
+benchmark (benchmarks.data_throughput).
+"""
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks.data_throughput import machine
+from nanojax.common import cli
+from nanojax.model import config_from_depth
+from nanojax.optim import Schedule, scaled_groups
+from nanojax.sharding import make_mesh
+from nanojax.train import (
+    OptimSettings,
+    abstract_model,
+    device_peak_flops,
+    grad_accum_steps,
+    init_state,
+    make_train_step,
+    peak_memory_bytes,
+)
+
+
+def comma_list(kind):
+    """A repeatable flag that also takes comma lists: `--dtype float32,bfloat16`."""
+    return lambda s: [kind(x) for x in s.split(",")]
+
+
+def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of `steps` calls after `warmup` more). fn waits for its result."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def time_train_step(state, mesh, x_ABT, y_ABT, steps, warmup) -> tuple[float, float]:
+    step = make_train_step(state, mesh)
+    carry = [state.params, state.opt_state]  # donated by every step: only the latest ones stay alive
+
+    def one_step():
+        carry[0], carry[1], losses = step(carry[0], carry[1], x_ABT, y_ABT)
+        losses.block_until_ready()
+
+    return timed(one_step, steps, warmup)
+
+
+def time_parts(state, x_BT, y_BT, steps, warmup) -> tuple[float, float]:
+    """Median seconds of one forward+backward and of one optimizer update (tx.update + apply_updates)."""
+    graphdef, tx = state.graphdef, state.tx
+    grad_fn = jax.jit(jax.grad(lambda params, x, y: nnx.merge(graphdef, params).loss(x, y)))
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    grads = grad_fn(state.params, x_BT, y_BT)
+    _, fwd_bwd = timed(lambda: jax.block_until_ready(grad_fn(state.params, x_BT, y_BT)), steps, warmup)
+    carry = [state.params, state.opt_state]
+
+    def opt_step():
+        carry[0], carry[1] = jax.block_until_ready(update(carry[0], carry[1], grads))
+
+    _, opt = timed(opt_step, steps, warmup)
+    return fwd_bwd, opt
+
+
+@cli
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=4, help="transformer layers")
+    parser.add_argument("--aspect-ratio", type=int, default=32, help="model_dim = depth x aspect ratio")
+    parser.add_argument("--head-dim", type=int, default=64, help="attention head width")
+    parser.add_argument("--max-seq-len", type=int, default=512, help="tokens per row (T)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size")
+    parser.add_argument("--window-pattern", default="L", help="sliding windows per layer, e.g. SSSL")
+    parser.add_argument("--device-batch-size", type=comma_list(int), action="extend",
+                        help="rows per device per micro-step; repeatable or a comma list (default: 1,8)")  # fmt: skip
+    parser.add_argument("--total-batch-size", type=int, default=4096,
+                        help="tokens per optimizer step; the rest is gradient accumulation")  # fmt: skip
+    parser.add_argument("--dtype", type=comma_list(str), action="extend",
+                        help="compute dtype: float32 and/or bfloat16; repeatable (default: float32)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    args = parser.parse_args()
+    batch_sizes, dtypes = args.device_batch_size or [1, 8], args.dtype or ["float32"]
+
+    config = config_from_depth(
+        args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+        vocab_size=args.vocab_size, window_pattern=args.window_pattern,
+    )  # fmt: skip
+    model = abstract_model(config)
+    mesh = make_mesh()
+    T, dp = config.sequence_len, mesh.size
+    on_cpu = jax.devices()[0].platform == "cpu"
+    groups = scaled_groups(
+        config.n_embd, args.depth, args.total_batch_size, embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02,
+        scalar_lr=0.5, weight_decay=0.1, adam_betas=(0.8, 0.95),
+    )  # fmt: skip
+    # As pretraining chooses: Polar Express in float32 on CPU, bfloat16 on accelerators.
+    optim = OptimSettings(groups, Schedule(10_000), orth_dtype="float32" if on_cpu else "bfloat16")
+    flops_per_token, peak = model.flops_per_token(), device_peak_flops()
+    rng = np.random.default_rng(0)
+
+    def tokens(*shape):
+        return rng.integers(0, config.vocab_size, shape, dtype=np.int32)
+
+    print(f"machine: {machine()}")
+    print(f"devices: {jax.devices()} (jax {jax.__version__})")
+    print(f"model: {config}")
+    print(f"{model.num_params():,} parameters, {flops_per_token:.3e} FLOPs/token, "
+          f"{args.total_batch_size:,} tokens per step, optimizer orth dtype {optim.orth_dtype}")  # fmt: skip
+    print("peak memory: " + ("device peak" if not on_cpu else "process peak RSS so far (it only grows across rows)"))
+    print()
+    header = (
+        f"{'batch':>5} {'accum':>5} {'dtype':>8} {'1st call s':>10} {'step ms':>8} {'tokens/s':>9} {'peak MB':>8} "
+        f"{'GFLOP/s':>8} {'MFU':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for dtype in dtypes:
+        for B in batch_sizes:
+            accum = grad_accum_steps(args.total_batch_size, B, T, dp)
+            state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype))
+            x, y = (jnp.asarray(tokens(accum, B * dp, T)) for _ in range(2))
+            first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup)
+            del state
+            tok_s = args.total_batch_size / dt
+            mfu = f"{100 * flops_per_token * tok_s / (peak * dp):.1f}%" if peak else "n/a"
+            print(f"{B:>5} {accum:>5} {dtype:>8} {first:>10.1f} {1000 * dt:>8.1f} {tok_s:>9,.0f} "
+                  f"{peak_memory_bytes() / 2**20:>8,.0f} "
+                  f"{flops_per_token * tok_s / 1e9:>8,.1f} {mfu:>6}")  # fmt: skip
+
+    # The optimizer alone vs one forward+backward of a 1 x T row: where a batch-1 step's time goes.
+    print()
+    print(f"optimizer update vs forward+backward (1 x {T} tokens)")
+    header = f"{'dtype':>8} {'fwd+bwd ms':>10} {'optimizer ms':>12} {'optimizer / fwd+bwd':>19}"
+    print(header)
+    print("-" * len(header))
+    for dtype in dtypes:
+        state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype))
+        fwd_bwd, opt = time_parts(state, jnp.asarray(tokens(1, T)), jnp.asarray(tokens(1, T)), args.steps, args.warmup)
+        print(f"{dtype:>8} {1000 * fwd_bwd:>10.1f} {1000 * opt:>12.1f} {opt / fwd_bwd:>19.2f}")
+
+
+if __name__ == "__main__":
+    main()
