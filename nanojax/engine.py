@@ -36,6 +36,7 @@ from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
 from nanojax.model import GPT, ROTARY_OVERSIZE, GPTConfig, attention_mask, rms_norm, rotary_tables
 from nanojax.train import abstract_model
+from nanojax.train import check_tokenizer as check_tokenizer  # re-exported: the scripts check checkpoints with it
 
 # --- uncached decoding ----------------------------------------------------------------------------
 
@@ -431,14 +432,3 @@ def prompt_ids(tokenizer, text: str, chat: bool = False) -> list[int]:
         conversation = [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         return tokenizer.render_for_completion(conversation)
     return tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
-
-
-def check_tokenizer(meta: dict, tokenizer, where) -> None:
-    """A one-line UserError if the checkpoint was trained with another tokenizer (converted nanochat
-    checkpoints carry no fingerprint and pass)."""
-    saved = meta.get("tokenizer_fingerprint")
-    if saved not in (None, tokenizer.fingerprint()):
-        raise UserError(
-            f"checkpoint {where} was trained with another tokenizer ({saved}, the one here is "
-            f"{tokenizer.fingerprint()}): use the base dir it was trained in (--base-dir)"
-        )

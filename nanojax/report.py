@@ -12,7 +12,8 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     history = summary["history"]
-    plot_losses(folder / "loss.png", history.train_loss, history.val_bpb)
+    metric = summary["eval_metric"]  # bpb, or loss for finetuning (train.RunConfig.eval_metric)
+    plot_losses(folder / "loss.png", history.train_loss, getattr(history, f"val_{metric}"), VAL_LABELS[metric])
 
     def num(v, fmt="{:,.4f}"):
         return "n/a" if v is None else fmt.format(v)
@@ -32,7 +33,7 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
         f"| peak memory | {summary['peak_memory_bytes'] / 2**20:,.0f} MiB |",
         f"| devices | {summary['devices']} |",
         f"| final train loss (EMA) | {num(summary['final_loss'])} |",
-        f"| min / final val bpb | {num(summary['min_val_bpb'])} / {num(summary['final_val_bpb'])} |",
+        f"| min / final val {metric} | {num(summary[f'min_val_{metric}'])} / {num(summary[f'final_val_{metric}'])} |",
         "",
         "## Command line",
         "",
@@ -50,19 +51,22 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
     return path
 
 
-def plot_losses(path, train_loss, val_bpb) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+VAL_LABELS = {"bpb": "val bits per byte", "loss": "val loss (assistant tokens, nats)"}
+
+
+def plot_losses(path, train_loss, val, val_label=VAL_LABELS["bpb"]) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.3))
     if train_loss:
         ax.plot(*zip(*train_loss, strict=True), label="train loss (EMA, nats)")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
-    if val_bpb:
+    if val:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val_bpb, strict=True), "o-", color="tab:orange", label="val bits/byte")
-        ax2.set_ylabel("val bits per byte")
-        fig.legend(loc="upper right")
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:orange", label=val_label)
+        ax2.set_ylabel(val_label)
+        fig.legend(loc="upper center", ncol=2, frameon=False)
     else:
         ax.legend()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the legend above the axes
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -54,8 +54,14 @@ def abstract_model(config: GPTConfig, dtype=jnp.float32) -> GPT:
     return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype))
 
 
-def init_state(config: GPTConfig, optim: OptimSettings, mesh, *, dtype=jnp.float32, fsdp=False, seed=0) -> TrainState:
-    """Build params and optimizer state directly in their shardings (nothing materialised replicated)."""
+def init_state(
+    config: GPTConfig, optim: OptimSettings, mesh, *, dtype=jnp.float32, fsdp=False, seed=0, load_params=None
+) -> TrainState:
+    """Build params and optimizer state directly in their shardings (nothing materialised replicated).
+
+    load_params(targets) -> params, if given, replaces the random init (finetuning starts from saved
+    weights): it gets ShapeDtypeStructs carrying the param shardings, e.g. to restore a checkpoint into.
+    """
 
     def init_params():
         return nnx.state(GPT(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param).to_pure_dict()
@@ -65,20 +71,23 @@ def init_state(config: GPTConfig, optim: OptimSettings, mesh, *, dtype=jnp.float
     tx = build_optimizer(abstract_params, optim.groups, optim.schedule, jnp.dtype(optim.orth_dtype))
     param_sh = tree_shardings(abstract_params, mesh, fsdp)
     opt_sh = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, fsdp)
-    params = jax.jit(init_params, out_shardings=param_sh)()
+    if load_params is None:
+        params = jax.jit(init_params, out_shardings=param_sh)()
+    else:
+        params = load_params(jax.tree.map(_placed, abstract_params, param_sh))
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     return TrainState(graphdef, tx, params, opt_state, param_sh, opt_sh)
 
 
+def _placed(x, sharding):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
 def abstract_targets(state: TrainState):
     """ShapeDtypeStructs with shardings: the restore targets for params and optimizer state."""
-
-    def spec(x, sharding):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
     return (
-        jax.tree.map(spec, state.params, state.param_shardings),
-        jax.tree.map(spec, state.opt_state, state.opt_shardings),
+        jax.tree.map(_placed, state.params, state.param_shardings),
+        jax.tree.map(_placed, state.opt_state, state.opt_shardings),
     )
 
 
@@ -109,24 +118,29 @@ def make_train_step(state: TrainState, mesh):
     )
 
 
-def make_evaluator(graphdef, mesh, token_bytes):
-    """bpb over batches: a jitted per-batch (nats, bytes) sum, accumulated on the host in float64."""
+def make_evaluator(graphdef, mesh, token_bytes, metric: str = "bpb"):
+    """A metric over batches from jitted per-batch sums, accumulated on the host in float64: "bpb"
+    (pretraining) or "loss", the mean loss over targets != -1 (finetuning, whose targets are masked)."""
     token_bytes = jnp.asarray(token_bytes)
 
     @jax.jit
     def sums(params, inputs_BT, targets_BT):
         loss_BT = nnx.merge(graphdef, params).loss(inputs_BT, targets_BT, reduction="none")
-        return bpb_sums(loss_BT, targets_BT, token_bytes)
+        if metric == "bpb":
+            return bpb_sums(loss_BT, targets_BT, token_bytes)
+        return loss_BT.sum(), (targets_BT >= 0).sum()
 
     sharding = batch_sharding(mesh)
 
     def evaluate(params, batches) -> float:
-        nats, nbytes = 0.0, 0
+        nats, count = 0.0, 0
         for inputs, targets in batches:
             x, y = (global_batch(a[None], sharding)[0] for a in (inputs, targets))
-            n, b = sums(params, x, y)
-            nats, nbytes = nats + float(n), nbytes + int(b)
-        return bits_per_byte(nats, nbytes)
+            n, c = sums(params, x, y)
+            nats, count = nats + float(n), count + int(c)
+        if metric == "bpb":
+            return bits_per_byte(nats, count)
+        return nats / count if count else float("nan")
 
     return evaluate
 
@@ -203,6 +217,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     resume_from_step: int = -1
     seed: int = 0
+    eval_metric: str = "bpb"  # "bpb" or "loss" (finetuning): logged, saved and summarised as val_<metric>
     user_config: dict = field(default_factory=dict)
 
 
@@ -210,6 +225,7 @@ class RunConfig:
 class History:
     train_loss: list = field(default_factory=list)  # (step, debiased EMA loss)
     val_bpb: list = field(default_factory=list)  # (step, bpb)
+    val_loss: list = field(default_factory=list)  # (step, masked mean loss), finetuning's metric
     samples: list = field(default_factory=list)  # the last set of greedy samples
 
 
@@ -223,13 +239,16 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
     return total_batch_size // per_micro
 
 
-def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_metrics=None, log=print) -> dict:
+def train(
+    run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_metrics=None, log=print, init_params=None
+) -> dict:
     """Train `run`; returns a summary dict. Callers supply the data and the sampler:
 
     make_train_loader(state | None, batch_size) -> iterator of host (inputs, targets) batches;
     val_batches(batch_size) -> iterable of host batches (the same on every call);
     sample(graphdef, params) -> list of strings;
-    on_metrics(step, dict), if given, receives each step's metrics (e.g. for Weights & Biases).
+    on_metrics(step, dict), if given, receives each step's metrics (e.g. for Weights & Biases);
+    init_params(targets) -> params, if given, starts a fresh run from these weights (see init_state).
     """
     config = run.model_config
     if tokenizer.get_vocab_size() != config.vocab_size:
@@ -243,13 +262,15 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
     local_rows = run.device_batch_size * jax.local_device_count()
     dtype = jnp.dtype(run.dtype)
 
-    state = init_state(config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed)
+    load = init_params if run.resume_from_step < 0 else None  # a resume restores its own params
+    state = init_state(config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed, load_params=load)
     if run.resume_from_step < 0:
         set_aside_previous_run(Path(run.checkpoint_dir), log)
     ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints)
+    metric = f"val_{run.eval_metric}"  # val_bpb or val_loss: the History field and the saved keys
     step, loop, loader_state = (
         0,
-        {"min_val_bpb": None, "smooth_train_loss": 0.0, "total_training_time": 0.0},
+        {f"min_{metric}": None, "smooth_train_loss": 0.0, "total_training_time": 0.0},
         None,
     )
     history = History()
@@ -265,7 +286,7 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
 
     graphdef = state.graphdef
     step_fn = make_train_step(state, mesh)
-    evaluate = make_evaluator(graphdef, mesh, tokenizer.token_bytes)
+    evaluate = make_evaluator(graphdef, mesh, tokenizer.token_bytes, run.eval_metric)
     loader = make_train_loader(loader_state, local_rows)
     sharding = batch_sharding(mesh)
     timer = StepTimer(loop["smooth_train_loss"], step)
@@ -276,19 +297,19 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
         f"{run.num_iterations} steps of {run.total_batch_size:,} tokens")  # fmt: skip
 
     def evaluate_now(params):
-        bpb = evaluate(params, itertools.islice(val_batches(local_rows), eval_batches))
-        history.val_bpb.append((step, bpb))
-        best = loop["min_val_bpb"]
-        loop["min_val_bpb"] = bpb if best is None else min(best, bpb)
-        log(f"step {step:05d} | val bpb {bpb:.4f}")
+        value = evaluate(params, itertools.islice(val_batches(local_rows), eval_batches))
+        getattr(history, metric).append((step, value))
+        best = loop[f"min_{metric}"]
+        loop[f"min_{metric}"] = value if best is None else min(best, value)
+        log(f"step {step:05d} | val {run.eval_metric} {value:.4f}")
         if on_metrics:
-            on_metrics(step, {"val_bpb": bpb})
-        return bpb
+            on_metrics(step, {metric: value})
+        return value
 
-    def save(params, opt_state, val_bpb):
+    def save(params, opt_state, val):
         loop_state = dict(loop, history=asdict(history))
         meta = {
-            "step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": run.user_config,
+            "step": step, metric: val, "model_config": asdict(config), "user_config": run.user_config,
             "device_batch_size": run.device_batch_size, "max_seq_len": T, "loop_state": loop_state,
             "tokenizer_fingerprint": tokenizer.fingerprint(), "nanojax_version": __version__,
         }  # fmt: skip
@@ -296,7 +317,7 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
 
     params, opt_state = state.params, state.opt_state
     del state  # the step donates these buffers: keep no second reference
-    val_bpb, t_start = None, time.perf_counter()
+    val, t_start = None, time.perf_counter()
     timer.tick()
     x, y = stack_micro_batches(loader, accum)
     while step < run.num_iterations:
@@ -330,13 +351,13 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
             on_metrics(step, {"loss": smooth, "lrm": lrm, "dt": dt, "tok_per_s": run.total_batch_size / dt})
         last = step == run.num_iterations
         if last or (run.eval_every > 0 and step % run.eval_every == 0):
-            val_bpb = evaluate_now(params)
+            val = evaluate_now(params)
         if last or (run.sample_every > 0 and step % run.sample_every == 0):
             history.samples = sample(graphdef, params)
             for s in history.samples:
                 log(f"sample: {s!r}")
         if last or (run.save_every > 0 and step % run.save_every == 0):
-            save(params, opt_state, val_bpb)
+            save(params, opt_state, val)
         timer.tick()  # evaluation, sampling and saving don't count as step time
     ckpts.close()
 
@@ -348,7 +369,8 @@ def train(run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_
         "flops_per_token": abstract_model(config).flops_per_token(), "tokens": tokens,
         "training_time_s": loop["total_training_time"], "tokens_per_s": steady_tok_s,
         "mfu": 100 * flops_per_step * steady_tok_s / run.total_batch_size / (peak * dp) if peak else None,
-        "peak_memory_bytes": peak_memory_bytes(), "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": val_bpb,
+        "peak_memory_bytes": peak_memory_bytes(), "eval_metric": run.eval_metric,
+        f"min_{metric}": loop[f"min_{metric}"], f"final_{metric}": val,
         "final_loss": history.train_loss[-1][1] if history.train_loss else None, "history": history,
         "devices": f"{dp} x {jax.devices()[0].device_kind}", "checkpoint_dir": str(run.checkpoint_dir),
         "user_config": run.user_config, "params": params,
@@ -396,9 +418,16 @@ def check_compatible(meta: dict, config: GPTConfig, tokenizer, where) -> None:
             f"checkpoint {where} is for model {asdict(saved)}, not {asdict(config)}: "
             "pass the same --depth/--aspect-ratio/--head-dim/--max-seq-len/--window-pattern or another --model-tag"
         )
-    if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint()):
+    check_tokenizer(meta, tokenizer, where)
+
+
+def check_tokenizer(meta: dict, tokenizer, where) -> None:
+    """A one-line UserError if the checkpoint was trained with another tokenizer (converted nanochat
+    checkpoints carry no fingerprint and pass)."""
+    saved = meta.get("tokenizer_fingerprint")
+    if saved not in (None, tokenizer.fingerprint()):
         raise UserError(
-            f"checkpoint {where} was trained with another tokenizer ({meta['tokenizer_fingerprint']}, this one is "
+            f"checkpoint {where} was trained with another tokenizer ({saved}, the one here is "
             f"{tokenizer.fingerprint()}): use the base dir it was trained in (--base-dir)"
         )
 
