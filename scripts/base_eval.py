@@ -1,0 +1,85 @@
+"""Evaluate a base model: val bits per byte, greedy samples and CORE, as nanochat's base_eval.
+
+    python -m scripts.base_eval --model-tag d4
+    python -m scripts.base_eval --model-tag d20 --step 5000 --eval-tokens 10485760 --max-per-task 500
+    python -m scripts.base_eval --core-bundle ~/eval_bundle --source sft
+
+Reads <base_dir>/base_checkpoints/<model tag>/ (chatsft_checkpoints with --source sft), the tokenizer
+and the validation shard under <base_dir>. CORE reads a local task bundle in nanochat's eval_bundle
+layout (core.yaml, eval_meta_data.csv, eval_data/; see nanojax/core_eval.py): --core-bundle, else
+<base_dir>/eval_bundle when present; without one CORE is skipped. The results are printed and appended
+to <checkpoint dir>/report.md.
+"""
+
+import argparse
+from pathlib import Path
+
+from nanojax.common import UserError, cli, get_base_dir
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model-tag", default=None, help="checkpoint folder name (default: the most recently written one)")
+    a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
+    a("--eval-tokens", type=int, default=20 * 524288, help="validation tokens for bits per byte; 0 skips it")
+    a("--device-batch-size", type=int, default=32, help="validation rows per device per batch")
+    a("--core-bundle", default=None, help="CORE task bundle directory (default <base_dir>/eval_bundle if present)")
+    a("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
+    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+      help="matmul dtype; auto: float32 on CPU, bfloat16 on accelerators")  # fmt: skip
+    a("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
+    return p.parse_args(argv)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    import jax  # after --help
+    import jax.numpy as jnp
+
+    from nanojax import core_eval, dataset, engine
+    from nanojax.tokenizer import get_tokenizer
+
+    base_dir = get_base_dir(args.base_dir)
+    checkpoint_dir = engine.find_checkpoint_dir(base_dir, args.source, args.model_tag)
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
+    model, meta = engine.load_model(checkpoint_dir, args.step, jnp.dtype(dtype))
+    tokenizer = get_tokenizer(base_dir)
+    engine.check_tokenizer(meta, tokenizer, checkpoint_dir)
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model.config.vocab_size}: "
+                        "use the base dir the model was trained in (--base-dir)")  # fmt: skip
+    print(f"{checkpoint_dir} step {meta['step']} | {model.num_params():,} parameters")
+    notes = []
+
+    bpb = None
+    if args.eval_tokens > 0:
+        try:
+            shards = dataset.list_shards(base_dir, "val")
+        except UserError as e:
+            notes.append(f"val bpb skipped: {e}")
+        else:
+            bpb = core_eval.val_bpb(model, tokenizer, shards, args.eval_tokens, args.device_batch_size)
+            print(f"val bpb {bpb[0]:.4f} over {bpb[1]:,} tokens")
+
+    samples = core_eval.greedy_samples(model, tokenizer, core_eval.SAMPLE_PROMPTS, chat=args.source == "sft")
+
+    core, results = None, []
+    bundle = Path(args.core_bundle).expanduser() if args.core_bundle else base_dir / "eval_bundle"
+    if args.core_bundle or bundle.is_dir():
+        core, results = core_eval.evaluate_core(model, tokenizer, core_eval.load_bundle(bundle), args.max_per_task)
+    else:
+        notes.append(f"CORE skipped: no task bundle at {bundle} (pass --core-bundle)")
+
+    lines = core_eval.report_lines(meta["step"], bpb, core, results, samples, notes)
+    print("\n".join(lines))
+    report = checkpoint_dir / "report.md"
+    with report.open("a", encoding="utf-8") as f:
+        f.write("\n" + "\n".join(lines))
+    print(f"appended to {report}")
+
+
+if __name__ == "__main__":
+    main()
