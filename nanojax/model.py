@@ -339,11 +339,11 @@ def from_nanochat(state_dict: dict, like):
 
 
 def nanochat_state_dict(model: GPT) -> dict[str, np.ndarray]:
-    return to_nanochat(nnx.state(model, nnx.Param).to_pure_dict())
+    return to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def load_nanochat_params(model: GPT, state_dict: dict) -> None:
     """Fill `model` in place from a nanochat state_dict (names -> arrays)."""
     state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, from_nanochat(state_dict, state.to_pure_dict()))
+    nnx.replace_by_pure_dict(state, from_nanochat(state_dict, nnx.to_pure_dict(state)))
     nnx.update(model, state)

@@ -95,7 +95,7 @@ class Reference:
         self.config = GPTConfig(**self.meta["gpt_config"])
         self.model = GPT(self.config, rngs=nnx.Rngs(0))
         self.graphdef, state = nnx.split(self.model)
-        self.like = nnx.state(self.model, nnx.Param).to_pure_dict()
+        self.like = nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
         self.idx = jnp.asarray(self.arrays["idx"])
         self.targets = jnp.asarray(self.arrays["targets"])
 

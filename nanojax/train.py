@@ -64,7 +64,7 @@ def init_state(
     """
 
     def init_params():
-        return nnx.state(GPT(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param))
 
     graphdef = nnx.graphdef(abstract_model(config, dtype))
     abstract_params = jax.eval_shape(init_params)

@@ -25,7 +25,7 @@ from nanojax.optim import (
 
 def test_labels_on_a_model_with_value_embeddings_and_gqa():
     config = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
-    params = nnx.state(GPT(config, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(0)), nnx.Param))
     labels = dict(zip(param_paths(params), jax.tree.leaves(param_labels(params)), strict=True))
     assert labels["wte"] == "embedding" and labels["lm_head.kernel"] == "lm_head"
     assert labels["resid_lambdas"] == "resid" and labels["x0_lambdas"] == "x0"
@@ -118,7 +118,7 @@ def test_muon_uses_torch_orientation(rows, cols):
 
 def test_schedule_changes_need_no_recompile():
     config = GPTConfig(sequence_len=8, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
-    params = nnx.state(GPT(config, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(0)), nnx.Param))
     tx = build_optimizer(params, setup_groups(64, weight_decay=0.1), Schedule(num_iterations=10))
     step = jax.jit(lambda p, g, s: tx.update(g, s, p))
     state = tx.init(params)

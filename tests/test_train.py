@@ -36,7 +36,7 @@ def perturbed(params):
 
 def sgd_state(mesh):
     """The real model with plain SGD (lr 1), so that params - new params = the step's gradient."""
-    params = perturbed(nnx.state(GPT(CONFIG, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
+    params = perturbed(nnx.to_pure_dict(nnx.state(GPT(CONFIG, rngs=nnx.Rngs(0)), nnx.Param)))
     tx = optax.sgd(1.0)
     sh = tree_shardings(params, mesh)
     graphdef = nnx.graphdef(GPT(CONFIG, rngs=nnx.Rngs(0)))
