@@ -17,12 +17,19 @@ $(STAMP): pyproject.toml
 SEED_RUN := --depth=4 --aspect-ratio=32 --head-dim=64 --max-seq-len=512 --device-batch-size=1 \
 	--total-batch-size=4096 --num-iterations=100 --embedding-lr=0.3 --matrix-lr=0.02 \
 	--unembedding-lr=0.004 --weight-decay=0.1
+# Then finetuning on the generated conversations (about a minute) and one answer from the chat model.
+# One 512-token row a step, so every lr x6: the base lrs, scaled by sqrt(512 / 2^19), barely move in 300 steps.
+SFT_RUN := --model-tag=d4 --device-batch-size=1 --total-batch-size=512 --num-iterations=300 --init-lr-frac=6 \
+	--eval-every=100
 run: $(STAMP)
 	$(PY) -m scripts.prepare_data
 	$(PY) -m scripts.tok_train --vocab-size 8192 --max-chars 10000000
 	$(PY) -m scripts.pretrain $(SEED_RUN) --save-every=50 --eval-every=50 --eval-tokens=131072 \
 		--sample-every=50 --model-tag=d4
 	$(PY) -m scripts.sample --model-tag=d4 --prompt "def main(" --prompt "import " --max-tokens 48
+	$(PY) -m scripts.make_conversations
+	$(PY) -m scripts.chat_sft $(SFT_RUN)
+	$(PY) -m scripts.chat_cli --model-tag=d4 -p "What is 12+30?"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,114 @@
+"""Supervised finetuning from command-line settings: base weights, conversations, optimizer, report.
+
+scripts/chat_sft.py parses the flags (nanochat's chat_sft names) and calls `sft`. The step, loop,
+sharding and checkpointing are pretraining's (`train.train`); finetuning differs in its data (whole
+conversations, loss on the assistant's tokens only), its starting weights and its metric (the mean
+loss over the held-out conversations' assistant tokens).
+"""
+
+import math
+from dataclasses import replace
+
+import jax
+from flax import nnx
+
+from nanojax import chat
+from nanojax.checkpoint import Checkpoints
+from nanojax.engine import find_checkpoint_dir, greedy, prompt_ids
+from nanojax.model import GPTConfig
+from nanojax.optim import Schedule, scaled_groups
+from nanojax.pretrain import replicate, wandb_logger
+from nanojax.report import write_report
+from nanojax.tokenizer import get_tokenizer
+from nanojax.train import OptimSettings, RunConfig, abstract_model, check_tokenizer, train
+
+# Flags left unset take the base run's value, else these fallbacks (nanochat's chat_sft does the same).
+INHERITED = {
+    "device_batch_size": 32, "total_batch_size": 524288, "embedding_lr": 0.3, "unembedding_lr": 0.004,
+    "matrix_lr": 0.02, "scalar_lr": 0.5,
+}  # fmt: skip
+
+
+def inherit(args, meta: dict, log=print) -> None:
+    """Fill the flags left unset with the base run's values."""
+    base = INHERITED | {k: v for k, v in (meta.get("user_config") or {}).items() if v is not None}
+    base["max_seq_len"] = meta["model_config"]["sequence_len"]
+    taken = {name: base[name] for name in [*INHERITED, "max_seq_len"] if getattr(args, name) is None}
+    for name, value in taken.items():
+        setattr(args, name, value)
+    if taken:
+        log("from the base run: " + ", ".join(f"{k}={v}" for k, v in taken.items()))
+
+
+def sft(args, base_dir, prompts):
+    base_ckpt_dir = find_checkpoint_dir(base_dir, "base", args.model_tag)
+    base_ckpts = Checkpoints(base_ckpt_dir)
+    base_step = base_ckpts.resolve_step(args.model_step)
+    meta = base_ckpts.read_metadata(base_step)
+    tokenizer = get_tokenizer(base_dir)
+    check_tokenizer(meta, tokenizer, base_ckpts.step_dir(base_step))
+    inherit(args, meta)
+    # Only the rotary tables depend on the sequence length: the weights fit any --max-seq-len.
+    config = replace(GPTConfig(**meta["model_config"]), sequence_len=args.max_seq_len)
+    T = config.sequence_len
+
+    data = args.data or [chat.ensure_conversations(base_dir)]
+    convs = chat.read_conversations(data, tokenizer, T + 1, skip_bad_lines=args.skip_bad_lines)
+    if args.val_data:
+        train_convs = convs
+        val_convs = chat.read_conversations(args.val_data, tokenizer, T + 1, skip_bad_lines=args.skip_bad_lines)
+    else:
+        train_convs, val_convs = chat.split_conversations(convs, args.val_fraction, args.seed)
+    rows_per_step = args.total_batch_size // T
+    epoch_rows = chat.rows_per_epoch(train_convs, T)
+    num_iterations = args.num_iterations
+    if num_iterations <= 0:
+        num_iterations = max(1, math.ceil(args.num_epochs * epoch_rows / rows_per_step))
+    print(f"{len(train_convs):,} training conversations ({epoch_rows:,} rows of {T} tokens an epoch), "
+          f"{len(val_convs):,} held out | {num_iterations} steps of {rows_per_step} rows "
+          f"({num_iterations * rows_per_step / epoch_rows:.2f} epochs)")  # fmt: skip
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    f = args.init_lr_frac
+    groups = scaled_groups(
+        config.n_embd, config.n_layer, args.total_batch_size, embedding_lr=args.embedding_lr * f,
+        unembedding_lr=args.unembedding_lr * f, matrix_lr=args.matrix_lr * f, scalar_lr=args.scalar_lr * f,
+        weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
+    )  # fmt: skip
+    schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    tag = args.model_tag or base_ckpt_dir.name
+    run = RunConfig(
+        model_config=config, optim=OptimSettings(groups, schedule, orth_dtype="float32" if on_cpu else "bfloat16"),
+        num_iterations=num_iterations, device_batch_size=args.device_batch_size,
+        total_batch_size=args.total_batch_size, checkpoint_dir=base_dir / "chatsft_checkpoints" / tag, dtype=dtype,
+        fsdp=args.fsdp, eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume_from_step=args.resume_from_step,
+        seed=args.seed, eval_metric="loss",
+        user_config=vars(args) | {"base_checkpoint": str(base_ckpts.step_dir(base_step))},
+    )  # fmt: skip
+    model = abstract_model(config)
+    print(f"model {config} | {model.num_params():,} parameters | from {base_ckpts.step_dir(base_step)}")
+
+    chat_prompts = [prompt_ids(tokenizer, p, chat=True) for p in prompts]
+    stops = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id())
+
+    def sample(graphdef, params):
+        forward = jax.jit(lambda p, idx: nnx.merge(graphdef, p)(idx))
+        out, _ = greedy(lambda idx: forward(params, replicate(idx, params)), chat_prompts, 32, stop_tokens=stops)
+        return [f"{p} -> {tokenizer.decode(t)}" for p, t in zip(prompts, out, strict=True)]
+
+    rank, ranks = jax.process_index(), jax.process_count()
+    summary = train(
+        run,
+        tokenizer,
+        make_train_loader=lambda state, rows: chat.SFTLoader(
+            train_convs, rows, T, reader=rank, readers=ranks, seed=args.seed, state=state
+        ),
+        val_batches=lambda rows: chat.val_batches(val_convs, rows, T, process_index=rank, process_count=ranks),
+        sample=sample,
+        on_metrics=wandb_logger(args.run, vars(args)),
+        init_params=lambda targets: base_ckpts.restore_params(base_step, params=targets).params,
+    )
+    report = write_report(run.checkpoint_dir, summary, f"nanojax SFT report: {tag}")
+    return summary, report

@@ -1,0 +1,143 @@
+"""Finetuning end to end on a tiny model: the loss falls from the base weights, resume is exact, and
+scripts.chat_cli answers in a pseudo-terminal. 8 simulated CPU devices (1 for the CLI processes).
+
+Run: python -m pytest -q tests/test_sft.py
+"""
+
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY_RUN
+
+from nanojax.checkpoint import Checkpoints
+from nanojax.pretrain import pretrain
+from nanojax.sft import sft
+from scripts import chat_sft
+from scripts import pretrain as pretrain_script
+
+REPO = Path(__file__).resolve().parents[1]
+# 8 devices x 1 row x 128 tokens: one micro-step a step. Lrs well above the tiny base run's.
+SFT_RUN = ["--max-seq-len=128", "--device-batch-size=1", "--total-batch-size=1024", "--eval-every=-1",
+           "--eval-tokens=8192", "--embedding-lr=0.5", "--unembedding-lr=0.05", "--matrix-lr=0.05"]  # fmt: skip
+
+
+def run_sft(base, tag, *extra):
+    """SFT from base_checkpoints/<tag> (a copy of the tiny base run) into chatsft_checkpoints/<tag>."""
+    if not (base / "base_checkpoints" / tag).is_dir():
+        shutil.copytree(base / "base_checkpoints" / "chat", base / "base_checkpoints" / tag)
+    return sft(chat_sft.parse_args([*SFT_RUN, f"--base-dir={base}", f"--model-tag={tag}", *extra]), base, ["Hi!"])[0]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base):
+    """A base checkpoint to finetune: the tiny pretraining run, a few steps."""
+    args = pretrain_script.parse_args([*TINY_RUN, "--num-iterations=3", "--model-tag=chat", f"--base-dir={tiny_base}"])
+    pretrain(args, tiny_base, ["alpha"])
+    return tiny_base
+
+
+@pytest.fixture(scope="module")
+def finetuned(base):
+    """30 steps on the generated conversations (written to the base dir on first use)."""
+    return run_sft(base, "chat", "--num-iterations=30", "--eval-every=10")
+
+
+def test_sft_loss_on_assistant_tokens_falls(finetuned, base):
+    losses = [loss for _, loss in finetuned["history"].train_loss]
+    val = [loss for _, loss in finetuned["history"].val_loss]
+    assert len(val) == 3 and val[-1] < val[0] - 0.3
+    assert losses[-1] < losses[0] - 0.5
+    assert (base / "chat_data" / "synthetic.jsonl").is_file()
+    folder = Path(finetuned["checkpoint_dir"])
+    assert folder == base / "chatsft_checkpoints" / "chat" and Checkpoints(folder).steps() == [30]
+    assert "min / final val loss" in (folder / "report.md").read_text()
+    meta = Checkpoints(folder).read_metadata()
+    assert meta["val_loss"] == finetuned["final_val_loss"] and meta["user_config"]["base_checkpoint"].endswith("/3")
+
+
+def test_sft_starts_from_the_base_weights(base):
+    """With every lr at 0, one step leaves the restored base weights as they were."""
+    s = run_sft(base, "frozen", "--num-iterations=1", "--init-lr-frac=0")
+    base_params = Checkpoints(base / "base_checkpoints" / "chat").restore_params().params
+    for a, b in zip(jax.tree.leaves(s["params"]), jax.tree.leaves(base_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sft_resume_continues_exactly(base):
+    flags = ["--num-iterations=6", "--save-every=3"]
+    full = run_sft(base, "resume", *flags)
+    folder = Path(full["checkpoint_dir"])
+    assert Checkpoints(folder).steps() == [3, 6]
+    shutil.rmtree(folder / "6")
+    resumed = run_sft(base, "resume", *flags, "--resume-from-step=3")
+    assert resumed["history"].train_loss == full["history"].train_loss
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+    for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- scripts.chat_cli -----------------------------------------------------------------------------
+
+
+def cli_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    return env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+
+
+def read_until(fd, marker: str, out: list, timeout=120.0) -> str:
+    """Read the terminal until `marker` follows everything read so far (or EOF); return the new text."""
+    start, seen = len("".join(out)), ""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"no {marker!r} from chat_cli; it wrote:\n{''.join(out)[-2000:]}")
+        try:
+            chunk = os.read(fd, 4096).decode(errors="replace")
+        except OSError:  # EIO: the child closed the terminal
+            chunk = ""
+        if not chunk:
+            break
+        out.append(chunk)
+        seen = "".join(out)[start:]
+    return seen
+
+
+def test_chat_cli_answers_two_turns_in_a_terminal(finetuned, base):
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "scripts.chat_cli", f"--base-dir={base}", "--model-tag=chat", "--max-tokens=6"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = []
+    try:
+        read_until(master, "User: ", out)
+        os.write(master, b"What is 2+3?\n")
+        first = read_until(master, "User: ", out)
+        os.write(master, b"clear\n")
+        read_until(master, "User: ", out)
+        os.write(master, b"Hi!\n")
+        second = read_until(master, "User: ", out)
+        os.write(master, b"quit\n")
+        read_until(master, "\0", out)  # to EOF
+        assert proc.wait(timeout=30) == 0, "".join(out)
+    finally:
+        proc.kill()
+        os.close(master)
+    assert "Assistant: " in first and "Assistant: " in second
+    assert "(new conversation)" in "".join(out) and "Traceback" not in "".join(out)
+
+
+def test_chat_cli_one_shot_prompt(finetuned, base):
+    cmd = [sys.executable, "-m", "scripts.chat_cli", f"--base-dir={base}", "--model-tag=chat", "-p", "Hi!", "-t", "0"]
+    done = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "chatsft_checkpoints" in done.stderr and "User:" not in done.stdout and done.stdout.endswith("\n")
