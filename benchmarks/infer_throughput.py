@@ -54,7 +54,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per sample")
     parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
     parser.add_argument("--chunk", type=int, default=16, help="tokens per host round trip for the Engine row")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (the median is reported)")
     args = parser.parse_args()
 
     config = config_from_depth(

@@ -119,6 +119,7 @@ def main():
     mesh = make_mesh()
     T, dp = config.sequence_len, mesh.size
     on_cpu = jax.devices()[0].platform == "cpu"
+    # The seed run's hyper-parameters; a long schedule keeps the lr multiplier at 1 over the timed steps.
     groups = scaled_groups(
         config.n_embd, args.depth, args.total_batch_size, embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02,
         scalar_lr=0.5, weight_decay=0.1, adam_betas=(0.8, 0.95),
@@ -136,10 +137,10 @@ def main():
     print(f"model: {config}")
     print(f"{model.num_params():,} parameters, {flops_per_token:.3e} FLOPs/token, "
           f"{args.total_batch_size:,} tokens per step, optimizer orth dtype {optim.orth_dtype}")  # fmt: skip
-    print("peak memory: " + ("device peak" if not on_cpu else "process peak RSS so far (it only grows across rows)"))
+    print("peak memory: " + ("process peak RSS so far (it only grows across rows)" if on_cpu else "device peak"))
     print()
     header = (
-        f"{'batch':>5} {'accum':>5} {'dtype':>8} {'1st call s':>10} {'step ms':>8} {'tokens/s':>9} {'peak MB':>8} "
+        f"{'batch':>5} {'accum':>5} {'dtype':>8} {'1st call s':>10} {'step ms':>8} {'tokens/s':>9} {'peak MiB':>8} "
         f"{'GFLOP/s':>8} {'MFU':>6}"
     )
     print(header)
