@@ -29,6 +29,7 @@ from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.sharding import make_mesh
 from nanojax.train import (
+    YNN_DOTS,
     OptimSettings,
     abstract_model,
     device_peak_flops,
@@ -59,8 +60,8 @@ def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def time_train_step(state, mesh, x_ABT, y_ABT, steps, warmup) -> tuple[float, float]:
-    step = make_train_step(state, mesh)
+def time_train_step(state, mesh, x_ABT, y_ABT, steps, warmup, compiler_options=None) -> tuple[float, float]:
+    step = make_train_step(state, mesh, compiler_options)
     carry = [state.params, state.opt_state]  # donated by every step: only the latest ones stay alive
 
     def one_step():
@@ -106,6 +107,10 @@ def main():
                         help="tokens per optimizer step; the rest is gradient accumulation")  # fmt: skip
     parser.add_argument("--dtype", type=comma_list(str), action="extend",
                         help="compute dtype: float32 and/or bfloat16; repeatable (default: float32)")  # fmt: skip
+    parser.add_argument("--loss-chunk", type=int, default=None,
+                        help="opt-in: fused lm_head + softcap + cross-entropy over vocab chunks")  # fmt: skip
+    parser.add_argument("--ynn-dots", action="store_true",
+                        help="opt-in: XLA CPU's YNNPACK matmuls (fast bfloat16; not float32-faithful)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     args = parser.parse_args()
@@ -148,9 +153,9 @@ def main():
     for dtype in dtypes:
         for B in batch_sizes:
             accum = grad_accum_steps(args.total_batch_size, B, T, dp)
-            state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype))
+            state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk)
             x, y = (jnp.asarray(tokens(accum, B * dp, T)) for _ in range(2))
-            first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup)
+            first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup, YNN_DOTS if args.ynn_dots else None)
             del state
             tok_s = args.total_batch_size / dt
             mfu = f"{100 * flops_per_token * tok_s / (peak * dp):.1f}%" if peak else "n/a"
@@ -165,7 +170,7 @@ def main():
     print(header)
     print("-" * len(header))
     for dtype in dtypes:
-        state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype))
+        state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk)
         fwd_bwd, opt = time_parts(state, jnp.asarray(tokens(1, T)), jnp.asarray(tokens(1, T)), args.steps, args.warmup)
         print(f"{dtype:>8} {1000 * fwd_bwd:>10.1f} {1000 * opt:>12.1f} {opt / fwd_bwd:>19.2f}")
 

@@ -11,7 +11,7 @@ and `nanochat_state_dict` translate between the two naming schemes.
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -201,10 +201,14 @@ class Block(nnx.Module):
 
 class GPT(nnx.Module):
     def __init__(
-        self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+        self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+        loss_chunk: int | None = None,
     ):  # fmt: skip
+        """loss_chunk, opt-in: `loss` fuses lm_head + softcap + cross-entropy (`fused_softcap_ce`) over
+        vocabulary chunks of this many columns, never materialising the logits; None keeps the reference path."""
         self.config = config
         self.dtype = dtype
+        self.loss_chunk = loss_chunk
         V, D, L = config.padded_vocab_size, config.n_embd, config.n_layer
         self.wte = nnx.Param(jax.random.normal(rngs.params(), (V, D), param_dtype))
         self.blocks = nnx.List([Block(config, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for i in range(L)])
@@ -214,8 +218,8 @@ class GPT(nnx.Module):
         self.resid_lambdas = nnx.Param(jnp.ones((L,), param_dtype))
         self.x0_lambdas = nnx.Param(jnp.full((L,), 0.1, param_dtype))
 
-    def __call__(self, idx_BT):
-        """Logits (B, T, vocab_size) in float32, softcapped."""
+    def trunk(self, idx_BT):
+        """The residual stream after the last block, before the final norm and lm_head."""
         B, T = idx_BT.shape
         rotary_len = self.config.sequence_len * ROTARY_OVERSIZE
         if T > rotary_len:
@@ -235,7 +239,11 @@ class GPT(nnx.Module):
             q_BTHD, k_BTKD, v_BTKD = block.attn.qkv(rms_norm(x_BTD), ve_BTC, cos_TD, sin_TD)
             x_BTD = x_BTD + block.attn.attend(q_BTHD, k_BTKD, v_BTKD, masks[window])
             x_BTD = x_BTD + block.mlp(rms_norm(x_BTD))
-        return self.head(x_BTD)
+        return x_BTD
+
+    def __call__(self, idx_BT):
+        """Logits (B, T, vocab_size) in float32, softcapped."""
+        return self.head(self.trunk(idx_BT))
 
     def head(self, x_BTD):
         logits_BTV = self.lm_head(rms_norm(x_BTD))[..., : self.config.vocab_size].astype(jnp.float32)
@@ -243,7 +251,16 @@ class GPT(nnx.Module):
 
     def loss(self, idx_BT, targets_BT, reduction: str = "mean"):
         """Cross-entropy over targets != -1: the mean, or per position (0 where ignored) for 'none'."""
-        return cross_entropy(self(idx_BT), targets_BT, reduction)
+        if self.loss_chunk is None:
+            return cross_entropy(self(idx_BT), targets_BT, reduction)
+        x_NC = rms_norm(self.trunk(idx_BT))
+        B, T, C = x_NC.shape
+        valid_BT = targets_BT != -1
+        loss_N = fused_softcap_ce(
+            x_NC.reshape(B * T, C), self.lm_head.kernel[...], jnp.where(valid_BT, targets_BT, 0).reshape(-1),
+            self.config.vocab_size, self.loss_chunk, jnp.dtype(self.dtype),
+        )  # fmt: skip
+        return reduce_loss(jnp.where(valid_BT, loss_N.reshape(B, T), 0.0), valid_BT, reduction)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
@@ -268,11 +285,91 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     picked_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
     loss_BT = jnp.where(valid_BT, logz_BT - picked_BT, 0.0)
+    return reduce_loss(loss_BT, valid_BT, reduction)
+
+
+def reduce_loss(loss_BT, valid_BT, reduction: str):
     if reduction == "none":
         return loss_BT
     if reduction == "sum":
         return loss_BT.sum()
     return loss_BT.sum() / jnp.maximum(valid_BT.sum(), 1)
+
+
+def _vocab_chunks(W_CV, vocab_size: int, chunk: int):
+    """(n, C, chunk) column blocks of W over the first vocab_size columns, zero-padded to a whole chunk."""
+    C, V = W_CV.shape
+    W_CV = W_CV[:, :vocab_size]
+    n = -(-vocab_size // chunk)
+    W_CV = jnp.pad(W_CV, ((0, 0), (0, n * chunk - vocab_size)))
+    return W_CV.reshape(C, n, chunk).transpose(1, 0, 2), n
+
+
+def _chunk_tanh(x_NC, W_Cc, dtype):
+    """tanh(x W / SOFTCAP) of one vocab chunk, accumulated in float32 (bfloat16 inputs stay bfloat16)."""
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    z_Nc = jax.lax.dot_general(
+        x_NC, W_Cc, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )  # fmt: skip
+    return jnp.tanh(z_Nc / SOFTCAP)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def fused_softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
+    """Per-row cross-entropy of SOFTCAP * tanh(x W / SOFTCAP) over the first vocab_size columns, without
+    materialising the (N, V) logits: a scan over vocabulary chunks, recomputed in the backward pass.
+    The softcap bounds the logits to +-SOFTCAP, so logsumexp needs no running max (shift by SOFTCAP)."""
+    return _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype)[0]
+
+
+def _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype):
+    W_nCc, n = _vocab_chunks(W_CV.astype(dtype), vocab_size, chunk)
+    x = x_NC.astype(dtype)
+    col_c = jnp.arange(chunk)
+
+    def body(carry, xs):
+        sumexp_N, picked_N = carry
+        W_Cc, start = xs
+        logits_Nc = SOFTCAP * _chunk_tanh(x, W_Cc, dtype)
+        e_Nc = jnp.where(start + col_c < vocab_size, jnp.exp(logits_Nc - SOFTCAP), 0.0)
+        hit_Nc = (start + col_c)[None, :] == targets_N[:, None]
+        return (sumexp_N + e_Nc.sum(-1), picked_N + jnp.where(hit_Nc, logits_Nc, 0.0).sum(-1)), None
+
+    zeros = jnp.zeros(x_NC.shape[0], jnp.float32)
+    (sumexp_N, picked_N), _ = jax.lax.scan(body, (zeros, zeros), (W_nCc, jnp.arange(n) * chunk))
+    logz_N = SOFTCAP + jnp.log(sumexp_N)
+    return logz_N - picked_N, (x_NC, W_CV, targets_N, logz_N)
+
+
+def _fused_ce_bwd(vocab_size, chunk, dtype, res, g_N):
+    x_NC, W_CV, targets_N, logz_N = res
+    W_nCc, n = _vocab_chunks(W_CV.astype(dtype), vocab_size, chunk)
+    x = x_NC.astype(dtype)
+    col_c = jnp.arange(chunk)
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def body(dx_NC, xs):
+        W_Cc, start = xs
+        t_Nc = _chunk_tanh(x, W_Cc, dtype)
+        p_Nc = jnp.where(start + col_c < vocab_size, jnp.exp(SOFTCAP * t_Nc - logz_N[:, None]), 0.0)
+        hit_Nc = (start + col_c)[None, :] == targets_N[:, None]
+        dz_Nc = (g_N[:, None] * (p_Nc - hit_Nc) * (1 - t_Nc * t_Nc)).astype(dtype)
+        dW_Cc = jax.lax.dot_general(
+            x, dz_Nc, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )  # fmt: skip
+        dx_NC = dx_NC + jax.lax.dot_general(
+            dz_Nc, W_Cc, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )  # fmt: skip
+        return dx_NC, dW_Cc
+
+    dx_NC, dW_nCc = jax.lax.scan(body, jnp.zeros(x_NC.shape, jnp.float32), (W_nCc, jnp.arange(n) * chunk))
+    C, V = W_CV.shape
+    dW_CV = dW_nCc.transpose(1, 0, 2).reshape(C, n * chunk)[:, :vocab_size]
+    dW_CV = jnp.pad(dW_CV, ((0, 0), (0, V - vocab_size)))
+    return dx_NC.astype(x_NC.dtype), dW_CV.astype(W_CV.dtype), None
+
+
+fused_softcap_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 # --- nanochat state_dict names <-> nanojax parameter paths ---------------------------------------

@@ -60,7 +60,8 @@ def pretrain(args, base_dir, prompts):
         checkpoint_dir=base_dir / "base_checkpoints" / tag, dtype=dtype, fsdp=args.fsdp,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        resume_from_step=args.resume_from_step, seed=args.seed, user_config=vars(args),
+        resume_from_step=args.resume_from_step, seed=args.seed, loss_chunk=args.loss_chunk,
+        ynn_dots=args.ynn_dots, user_config=vars(args),
     )  # fmt: skip
     T = config.sequence_len
     print(f"model {config} | {model.num_params():,} parameters | {model.flops_per_token():.3e} FLOPs/token")

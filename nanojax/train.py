@@ -50,23 +50,25 @@ class TrainState:
     opt_shardings: optax.OptState
 
 
-def abstract_model(config: GPTConfig, dtype=jnp.float32) -> GPT:
-    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype))
+def abstract_model(config: GPTConfig, dtype=jnp.float32, loss_chunk: int | None = None) -> GPT:
+    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, loss_chunk=loss_chunk))
 
 
 def init_state(
-    config: GPTConfig, optim: OptimSettings, mesh, *, dtype=jnp.float32, fsdp=False, seed=0, load_params=None
-) -> TrainState:
+    config: GPTConfig, optim: OptimSettings, mesh, *, dtype=jnp.float32, fsdp=False, seed=0, load_params=None,
+    loss_chunk: int | None = None,
+) -> TrainState:  # fmt: skip
     """Build params and optimizer state directly in their shardings (nothing materialised replicated).
 
     load_params(targets) -> params, if given, replaces the random init (finetuning starts from saved
     weights): it gets ShapeDtypeStructs carrying the param shardings, e.g. to restore a checkpoint into.
+    loss_chunk (opt-in, see GPT): the train step's loss fuses lm_head + softcap + cross-entropy in chunks.
     """
 
     def init_params():
         return nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param))
 
-    graphdef = nnx.graphdef(abstract_model(config, dtype))
+    graphdef = nnx.graphdef(abstract_model(config, dtype, loss_chunk))
     abstract_params = jax.eval_shape(init_params)
     tx = build_optimizer(abstract_params, optim.groups, optim.schedule, jnp.dtype(optim.orth_dtype))
     param_sh = tree_shardings(abstract_params, mesh, fsdp)
@@ -91,7 +93,13 @@ def abstract_targets(state: TrainState):
     )
 
 
-def make_train_step(state: TrainState, mesh):
+# Opt-in XLA CPU options for the train step (`make_train_step(..., compiler_options=...)`). YNNPACK dots
+# run bfloat16 matmuls with float32 accumulation and fast transposed-operand (backward) kernels: much faster
+# in bfloat16 on AVX-512 BF16 CPUs, but they change float32 numerics, so never the default.
+YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def make_train_step(state: TrainState, mesh, compiler_options: dict | None = None):
     graphdef, tx = state.graphdef, state.tx
 
     def loss_fn(params, inputs, targets, scale):
@@ -115,6 +123,7 @@ def make_train_step(state: TrainState, mesh):
         donate_argnums=(0, 1),
         in_shardings=(state.param_shardings, state.opt_shardings, batch_sharding(mesh), batch_sharding(mesh)),
         out_shardings=(state.param_shardings, state.opt_shardings, replicated(mesh)),
+        compiler_options=compiler_options or None,
     )
 
 
@@ -217,6 +226,8 @@ class RunConfig:
     keep_checkpoints: int = 3
     resume_from_step: int = -1
     seed: int = 0
+    ynn_dots: bool = False  # opt-in: XLA CPU's YNNPACK dots for the train step (YNN_DOTS), for bfloat16
+    loss_chunk: int | None = None  # opt-in fused lm_head + softcap + cross-entropy (GPT's loss_chunk)
     eval_metric: str = "bpb"  # "bpb" or "loss" (finetuning): logged, saved and summarised as val_<metric>
     user_config: dict = field(default_factory=dict)
 
@@ -263,7 +274,10 @@ def train(
     dtype = jnp.dtype(run.dtype)
 
     load = init_params if run.resume_from_step < 0 else None  # a resume restores its own params
-    state = init_state(config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed, load_params=load)
+    state = init_state(
+        config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed, load_params=load,
+        loss_chunk=run.loss_chunk,
+    )  # fmt: skip
     if run.resume_from_step < 0:
         set_aside_previous_run(Path(run.checkpoint_dir), log)
     ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints)
@@ -285,7 +299,7 @@ def train(
         log(f"resumed from {ckpts.step_dir(step)} at step {step}")
 
     graphdef = state.graphdef
-    step_fn = make_train_step(state, mesh)
+    step_fn = make_train_step(state, mesh, YNN_DOTS if run.ynn_dots else None)
     evaluate = make_evaluator(graphdef, mesh, tokenizer.token_bytes, run.eval_metric)
     loader = make_train_loader(loader_state, local_rows)
     sharding = batch_sharding(mesh)

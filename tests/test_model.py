@@ -147,3 +147,26 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(window_pattern="SXL")
     with pytest.raises(UserError, match="n_kv_head"):
         GPTConfig(n_head=6, n_kv_head=4)
+
+
+@pytest.mark.parametrize("vocab_size,chunk", [(256, 64), (250, 96)])  # 250: padded vocab, ragged last chunk
+def test_fused_loss_chunk_matches_reference(vocab_size, chunk):
+    """The opt-in fused lm_head + softcap + cross-entropy (loss_chunk) agrees with the reference loss and grads."""
+    config = GPTConfig(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    graphdef, params = nnx.split(randomized(config), nnx.Param)
+    fused_def = nnx.graphdef(GPT(config, rngs=nnx.Rngs(0), loss_chunk=chunk))
+    rng = np.random.default_rng(0)
+    idx = jnp.asarray(rng.integers(0, vocab_size, (2, 32)), jnp.int32)
+    targets = np.asarray(rng.integers(0, vocab_size, (2, 32)), np.int32)
+    targets[0, :5] = -1
+    targets = jnp.asarray(targets)
+    for reduction in ("mean", "sum", "none"):
+
+        def loss(p, gd, reduction=reduction):
+            return nnx.merge(gd, p).loss(idx, targets, reduction).sum()
+
+        ref, ref_grads = jax.value_and_grad(loss)(params, graphdef)
+        got, got_grads = jax.value_and_grad(loss)(params, fused_def)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+        for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * float(jnp.abs(r).max()) + 1e-9)
