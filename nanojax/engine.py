@@ -20,6 +20,7 @@ import ast
 import math
 import operator
 import re
+import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ from flax import nnx
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
 from nanojax.model import GPT, ROTARY_OVERSIZE, GPTConfig, attention_mask, rms_norm, rotary_tables
-from nanojax.train import abstract_model
-from nanojax.train import check_tokenizer as check_tokenizer  # re-exported: the scripts check checkpoints with it
+from nanojax.tokenizer import get_tokenizer
+from nanojax.train import abstract_model, check_tokenizer
 
 # --- uncached decoding ----------------------------------------------------------------------------
 
@@ -423,6 +424,18 @@ def load_model(checkpoint_dir, step: int | None = None, dtype=jnp.float32) -> tu
     params = ckpts.restore_params(step, params=nnx.to_pure_dict(abstract)).params
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract), meta
+
+
+def load_for_inference(base_dir, source: str, model_tag: str | None, step: int | None, dtype=jnp.float32):
+    """A checkpoint's model with the base dir's tokenizer, refused if they don't belong together:
+    (model, tokenizer, metadata, checkpoint_dir). What sample, chat_cli and base_eval start from."""
+    checkpoint_dir = find_checkpoint_dir(base_dir, source, model_tag)
+    model, meta = load_model(checkpoint_dir, step, dtype)
+    tokenizer = get_tokenizer(base_dir)
+    check_tokenizer(meta, tokenizer, checkpoint_dir)
+    # On stderr, so that stdout holds only the model's text (chat_cli -p answers in pipes).
+    print(f"{checkpoint_dir} step {meta['step']} | {model.num_params():,} parameters", file=sys.stderr)
+    return model, tokenizer, meta, checkpoint_dir
 
 
 def prompt_ids(tokenizer, text: str, chat: bool = False) -> list[int]:

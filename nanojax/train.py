@@ -304,7 +304,8 @@ def train(
     loader = make_train_loader(loader_state, local_rows)
     sharding = batch_sharding(mesh)
     timer = StepTimer(loop["smooth_train_loss"], step)
-    flops_per_step = abstract_model(config).flops_per_token() * run.total_batch_size
+    shapes = abstract_model(config)  # sizes and FLOPs, no arrays
+    flops_per_step = shapes.flops_per_token() * run.total_batch_size
     peak = device_peak_flops()
     eval_batches = max(1, run.eval_tokens // (run.device_batch_size * T * dp))
     log(f"grad accumulation {accum} x {local_rows} rows x {T} tokens per process, {dp} device(s), "
@@ -378,9 +379,8 @@ def train(
     tokens = run.total_batch_size * run.num_iterations
     steady_tok_s = run.total_batch_size * max(run.num_iterations - 1, 1) / max(loop["total_training_time"], 1e-9)
     return {
-        "model_config": asdict(config), "num_params": abstract_model(config).num_params(),
-        "num_scaling_params": abstract_model(config).num_scaling_params(),
-        "flops_per_token": abstract_model(config).flops_per_token(), "tokens": tokens,
+        "model_config": asdict(config), "num_params": shapes.num_params(), "tokens": tokens,
+        "num_scaling_params": shapes.num_scaling_params(), "flops_per_token": shapes.flops_per_token(),
         "training_time_s": loop["total_training_time"], "tokens_per_s": steady_tok_s,
         "mfu": 100 * flops_per_step * steady_tok_s / run.total_batch_size / (peak * dp) if peak else None,
         "peak_memory_bytes": peak_memory_bytes(), "eval_metric": run.eval_metric,

@@ -40,18 +40,15 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from nanojax import core_eval, dataset, engine
-    from nanojax.tokenizer import get_tokenizer
 
     base_dir = get_base_dir(args.base_dir)
-    checkpoint_dir = engine.find_checkpoint_dir(base_dir, args.source, args.model_tag)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
-    model, meta = engine.load_model(checkpoint_dir, args.step, jnp.dtype(dtype))
-    tokenizer = get_tokenizer(base_dir)
-    engine.check_tokenizer(meta, tokenizer, checkpoint_dir)
+    model, tokenizer, meta, checkpoint_dir = engine.load_for_inference(
+        base_dir, args.source, args.model_tag, args.step, jnp.dtype(dtype)
+    )
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model.config.vocab_size}: "
                         "use the base dir the model was trained in (--base-dir)")  # fmt: skip
-    print(f"{checkpoint_dir} step {meta['step']} | {model.num_params():,} parameters")
     notes = []
 
     bpb = None

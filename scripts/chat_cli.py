@@ -13,7 +13,6 @@ in the engine, the call and its result shown inline (<|python_start|>12+30<|pyth
 """
 
 import argparse
-import sys
 
 from nanojax.common import UserError, cli, get_base_dir
 
@@ -46,17 +45,11 @@ def main(argv=None):
     args = parse_args(argv)
     from nanojax import engine  # imports jax: after --help
     from nanojax.chat import ChatSession
-    from nanojax.tokenizer import get_tokenizer
 
     base_dir = get_base_dir(args.base_dir)
-    checkpoint_dir = engine.find_checkpoint_dir(base_dir, args.source, args.model_tag)
-    model, meta = engine.load_model(checkpoint_dir, args.step)
-    tokenizer = get_tokenizer(base_dir)
-    engine.check_tokenizer(meta, tokenizer, checkpoint_dir)
+    model, tokenizer, _, _ = engine.load_for_inference(base_dir, args.source, args.model_tag, args.step)
     session = ChatSession(engine.Engine(model, tokenizer), max_tokens=args.max_tokens,
                           temperature=args.temperature, top_k=args.top_k, seed=args.seed)  # fmt: skip
-    # On stderr: with -p, stdout holds the answer alone.
-    print(f"{checkpoint_dir} step {meta['step']} | {model.num_params():,} parameters", file=sys.stderr)
     if args.prompt is not None:
         stream(session, args.prompt)
         return

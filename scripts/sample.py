@@ -37,14 +37,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from nanojax import engine  # imports jax: after --help
-    from nanojax.tokenizer import get_tokenizer
 
     base_dir = get_base_dir(args.base_dir)
-    checkpoint_dir = engine.find_checkpoint_dir(base_dir, args.source, args.model_tag)
-    model, meta = engine.load_model(checkpoint_dir, args.step)
-    tokenizer = get_tokenizer(base_dir)
-    engine.check_tokenizer(meta, tokenizer, checkpoint_dir)
-    print(f"{checkpoint_dir} step {meta['step']} | {model.num_params():,} parameters")
+    model, tokenizer, _, _ = engine.load_for_inference(base_dir, args.source, args.model_tag, args.step)
     gen = engine.Engine(model, tokenizer)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     for prompt in args.prompt or DEFAULT_PROMPTS:

@@ -152,7 +152,7 @@ def test_base_dir_converts_and_runs(nanochat_base, vocab512, ref, tmp_path, caps
     capsys.readouterr()
 
     sample.main([f"--base-dir={out}", "--prompt", "def main(", "--max-tokens=4", "--temperature=0"])
-    assert "d2 step 5" in capsys.readouterr().out
+    assert "d2 step 5" in capsys.readouterr().err  # sample.py names the checkpoint on stderr
     base_eval.main([f"--base-dir={out}", "--eval-tokens=512", "--device-batch-size=1", "--max-per-task=3"])
     out_text = capsys.readouterr().out
     assert "| val bpb |" in out_text and "| CORE |" in out_text and "| tiny_lambada |" in out_text

@@ -273,8 +273,8 @@ def trained(tmp_path_factory):
 def test_sample_script(trained, capsys):
     sample.main([f"--base-dir={trained}", "--prompt", "alpha beta", "--prompt", "def", "--max-tokens=8",
                  "--temperature=0"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert "tiny step 2" in out and "alpha beta" in out and "def" in out
+    out, err = capsys.readouterr()
+    assert "tiny step 2" in err and "alpha beta" in out and "def" in out  # the checkpoint line goes to stderr
     sample.main([f"--base-dir={trained}", "--prompt", "x =", "--num-samples=3", "--max-tokens=5", "--step=2"])
     out = capsys.readouterr().out
     assert all(f"[{i}] x =" in out for i in range(3))
