@@ -67,6 +67,34 @@ def test_sliding_window_attention_sees_exactly_its_window(window):
     assert list(np.flatnonzero(seen)) == list(range(t - window, t + 1))
 
 
+@pytest.mark.parametrize("window,query_block", [(40, 8), (5, 8), (3, 16), (40, 40)])
+def test_self_attention_in_query_blocks_equals_the_full_mask(window, query_block):
+    """self_attend's query blocks (keys cut to what each block's mask lets through, a ragged last block)
+    give what attend gives with the whole causal, windowed mask, values and gradients."""
+    config = GPTConfig(sequence_len=40, vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64)
+    attn = Attention(config, 0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    attn.c_proj.kernel[...] = jax.random.normal(jax.random.key(2), (64, 64))
+    T = 37
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, T, 4, 16))
+    k, v = jax.random.normal(kk, (2, T, 2, 16)), jax.random.normal(kv, (2, T, 2, 16))
+    pos = jnp.arange(T)
+
+    def full(q, k, v):
+        return attn.attend(q, k, v, attention_mask(pos, pos, window))
+
+    def blocked(q, k, v):
+        return attn.self_attend(q, k, v, window, query_block=query_block)
+
+    np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-6)
+    for g, r in zip(
+        jax.grad(lambda *a: jnp.sum(jnp.sin(blocked(*a))), argnums=(0, 1, 2))(q, k, v),
+        jax.grad(lambda *a: jnp.sum(jnp.sin(full(*a))), argnums=(0, 1, 2))(q, k, v),
+        strict=True,
+    ):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
 def test_gqa_query_heads_share_kv_heads():
     """Query head h attends with kv head h // (n_head / n_kv_head), as torch's enable_gqa does."""
     config = GPTConfig(sequence_len=8, vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64)
