@@ -27,6 +27,7 @@ ROTARY_BASE = 10_000
 RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default, whatever the compute dtype
 ROTARY_OVERSIZE = 10  # nanochat precomputes rotary tables for 10x the sequence length
 ATTN_QUERY_BLOCK = 256  # self-attention runs in query blocks of this many rows, skipping masked keys
+CE_ROW_BLOCK = 512  # the fused cross-entropy's row tile: with a 2,048-column chunk its logits stay in cache
 
 
 @dataclass(frozen=True)
@@ -323,22 +324,33 @@ def _dot(a, b, contracting: tuple[int, int], dtype):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def fused_softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
-    """Per-row cross-entropy of SOFTCAP * tanh(x W / SOFTCAP) over the first vocab_size columns, in vocab
-    chunks of `chunk` columns, never holding the (N, V) float32 logits.
+    """Per-row cross-entropy of SOFTCAP * tanh(x W / SOFTCAP) over the first vocab_size columns, in tiles
+    of CE_ROW_BLOCK rows by `chunk` vocab columns, never holding the (N, V) float32 logits.
 
     The backward needs no second pass over the logits. With t = tanh(z / SOFTCAP) and e = exp(SOFTCAP t),
     dloss/dz = (e / sum(e) - onehot) (1 - t^2): the forward keeps a = e (1 - t^2) (in the compute dtype)
     and a W^T, so the backward only rescales rows by 1 / sum(e) and does the one dW = x^T a matmul:
     three matmuls in all, where autodiff of the plain loss or a recomputing scan does four."""
-    return _fused_ce(x_NC, W_CV, targets_N, vocab_size, chunk, dtype, with_grad=False)[0]
+    return _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype, with_grad=False)[0]
 
 
-def _fused_ce(x_in_NC, W_in_CV, targets_N, vocab_size, chunk, dtype, with_grad=True):
-    x_NC, W_CV = x_in_NC.astype(dtype), W_in_CV[:, :vocab_size].astype(dtype)
+def _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype, with_grad=True):
+    W_cast_CV = W_CV[:, :vocab_size].astype(dtype)
+    tiles = [
+        _ce_rows(x_NC[r : r + CE_ROW_BLOCK], W_cast_CV, targets_N[r : r + CE_ROW_BLOCK], chunk, dtype, with_grad)
+        for r in range(0, x_NC.shape[0], CE_ROW_BLOCK)
+    ]
+    loss_N = jnp.concatenate([loss for loss, _ in tiles])
+    return loss_N, (x_NC, W_CV, targets_N, [saved for _, saved in tiles]) if with_grad else None
+
+
+def _ce_rows(x_in_NC, W_CV, targets_N, chunk, dtype, with_grad):
+    """Loss of one row block and, for the backward, what it needs of the block (see fused_softcap_ce)."""
+    x_NC = x_in_NC.astype(dtype)
     sumexp_N = jnp.zeros(x_NC.shape[0], jnp.float32)
     dx_unscaled_NC = jnp.zeros(x_NC.shape, jnp.float32)
     a_chunks = []
-    for start in range(0, vocab_size, chunk):
+    for start in range(0, W_CV.shape[1], chunk):
         W_Cc = W_CV[:, start : start + chunk]
         t_Nc = jnp.tanh(_dot(x_NC, W_Cc, (1, 0), dtype) / SOFTCAP)
         # Softcapped logits are at most SOFTCAP: shifting by it bounds exp without a running max.
@@ -354,26 +366,26 @@ def _fused_ce(x_in_NC, W_in_CV, targets_N, vocab_size, chunk, dtype, with_grad=T
     z_target_N = jnp.einsum("nc,nc->n", x_NC, W_target_NC, precision=precision, preferred_element_type=jnp.float32)
     t_target_N = jnp.tanh(z_target_N / SOFTCAP)
     loss_N = jnp.log(sumexp_N) + SOFTCAP - SOFTCAP * t_target_N
-    if not with_grad:
-        return loss_N, None
-    return loss_N, (x_in_NC, W_in_CV, targets_N, sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC)
-
-
-def _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype):
-    return _fused_ce(x_NC, W_CV, targets_N, vocab_size, chunk, dtype)
+    return loss_N, (sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC)
 
 
 def _fused_ce_bwd(vocab_size, chunk, dtype, res, g_N):
-    x_in_NC, W_in_CV, targets_N, sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC = res
-    scale_N = g_N / sumexp_N  # the softmax's normalisation, applied only now
-    target_N = g_N * (1 - t_target_N * t_target_N)  # the one-hot part of dloss/dz
-    dx_NC = scale_N[:, None] * dx_unscaled_NC - target_N[:, None] * W_target_NC.astype(jnp.float32)
-    x_NC = x_in_NC.astype(jnp.float32)
-    x_scaled_NC = (x_NC * scale_N[:, None]).astype(dtype)
-    dW_CV = jnp.concatenate([_dot(x_scaled_NC, a_Nc, (0, 0), dtype) for a_Nc in a_chunks], axis=1)
-    dW_CV = dW_CV.at[:, targets_N].add(-(x_NC * target_N[:, None]).T)
-    dW_CV = jnp.pad(dW_CV, ((0, 0), (0, W_in_CV.shape[1] - vocab_size)))  # padded vocab columns: no gradient
-    return dx_NC.astype(x_in_NC.dtype), dW_CV.astype(W_in_CV.dtype), None
+    x_in_NC, W_CV, targets_N, tiles = res
+    dx_tiles, dW_CV = [], None
+    for r, (sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC) in zip(
+        range(0, x_in_NC.shape[0], CE_ROW_BLOCK), tiles, strict=True
+    ):
+        rows = slice(r, r + CE_ROW_BLOCK)
+        scale_N = g_N[rows] / sumexp_N  # the softmax's normalisation, applied only now
+        target_N = g_N[rows] * (1 - t_target_N * t_target_N)  # the one-hot part of dloss/dz
+        dx_tiles.append(scale_N[:, None] * dx_unscaled_NC - target_N[:, None] * W_target_NC.astype(jnp.float32))
+        x_NC = x_in_NC[rows].astype(jnp.float32)
+        x_scaled_NC = (x_NC * scale_N[:, None]).astype(dtype)
+        dW_tile = jnp.concatenate([_dot(x_scaled_NC, a_Nc, (0, 0), dtype) for a_Nc in a_chunks], axis=1)
+        dW_tile = dW_tile.at[:, targets_N[rows]].add(-(x_NC * target_N[:, None]).T)
+        dW_CV = dW_tile if dW_CV is None else dW_CV + dW_tile
+    dW_CV = jnp.pad(dW_CV, ((0, 0), (0, W_CV.shape[1] - vocab_size)))  # padded vocab columns: no gradient
+    return jnp.concatenate(dx_tiles).astype(x_in_NC.dtype), dW_CV.astype(W_CV.dtype), None
 
 
 fused_softcap_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)

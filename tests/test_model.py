@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nanojax import model as model_module
 from nanojax.common import UserError
 from nanojax.model import (
     GPT,
@@ -180,9 +181,11 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(n_head=6, n_kv_head=4)
 
 
-@pytest.mark.parametrize("vocab_size,chunk", [(256, 64), (250, 96)])  # 250: padded vocab, ragged last chunk
-def test_fused_loss_chunk_matches_reference(vocab_size, chunk):
+# 250: padded vocab, ragged last chunk; row block 24: 64 rows in ragged row tiles
+@pytest.mark.parametrize("vocab_size,chunk,row_block", [(256, 64, 512), (250, 96, 512), (250, 96, 24)])
+def test_fused_loss_chunk_matches_reference(vocab_size, chunk, row_block, monkeypatch):
     """The opt-in fused lm_head + softcap + cross-entropy (loss_chunk) agrees with the reference loss and grads."""
+    monkeypatch.setattr(model_module, "CE_ROW_BLOCK", row_block)
     config = GPTConfig(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     graphdef, params = nnx.split(randomized(config), nnx.Param)
     fused_def = nnx.graphdef(GPT(config, rngs=nnx.Rngs(0), loss_chunk=chunk))
