@@ -18,6 +18,19 @@ def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def add_compute_flags(parser) -> None:
+    """The compute options pretraining and finetuning share: dtype, sharding, and the opt-in CPU speed-ups
+    (numerics change with them, so they are never the default; benchmarks/README.md has their effect)."""
+    a = parser.add_argument
+    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+      help="matmul dtype; auto: float32 on CPU, bfloat16 on accelerators (params, loss stay float32)")  # fmt: skip
+    a("--fsdp", action="store_true", help="shard params and optimizer state over the data axis")
+    a("--loss-chunk", type=int, default=None, help="opt-in: fuse lm_head + softcap + cross-entropy over vocab "
+      "chunks of this size (e.g. 2048); float32 matches the default to rounding, not bit for bit")  # fmt: skip
+    a("--ynn-dots", action="store_true", help="opt-in: XLA CPU's YNNPACK matmuls in the train step: faster "
+      "with --dtype bfloat16 on CPUs with AVX-512 BF16; changes numerics (float32 included)")  # fmt: skip
+
+
 def cli(main):
     """Wrap a script's main so that a UserError exits with its message on one line."""
 

@@ -15,7 +15,7 @@ whole into rows of --max-seq-len tokens and the loss counts the assistant's toke
 import argparse
 from pathlib import Path
 
-from nanojax.common import cli, get_base_dir
+from nanojax.common import add_compute_flags, cli, get_base_dir
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["What is 12+30?", "How many 'r' are in 'strawberry'?", "Hi!"]
@@ -63,9 +63,7 @@ def parse_args(argv=None):
     a("--run", default="dummy", help="Weights & Biases run name (needs `pip install wandb`); 'dummy' disables logging")
     a("--base-dir", default=None, help="where data, tokenizer and checkpoints live (default $NANOJAX_BASE_DIR "
       "or ~/.cache/nanojax)")  # fmt: skip
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="matmul dtype; auto: float32 on CPU, bfloat16 on accelerators (params, loss stay float32)")  # fmt: skip
-    a("--fsdp", action="store_true", help="shard params and optimizer state over the data axis")
+    add_compute_flags(p)
     a("--seed", type=int, default=0, help="seed of the validation split and the order of conversations")
     return p.parse_args(argv)
 

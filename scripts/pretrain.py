@@ -12,7 +12,7 @@ Checkpoints, report.md and loss.png go to <base_dir>/base_checkpoints/<model tag
 import argparse
 from pathlib import Path
 
-from nanojax.common import cli, get_base_dir
+from nanojax.common import add_compute_flags, cli, get_base_dir
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["The capital of France is", "def main(", "import ", "If yesterday was Friday, then tomorrow will be"]
@@ -60,13 +60,7 @@ def parse_args(argv=None):
     a("--data", nargs="+", default=None, help="your text: files, folders or globs (default: the base dir's shards)")
     a("--base-dir", default=None, help="where data, tokenizer and checkpoints live (default $NANOJAX_BASE_DIR "
       "or ~/.cache/nanojax)")  # fmt: skip
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="matmul dtype; auto: float32 on CPU, bfloat16 on accelerators (params, loss stay float32)")  # fmt: skip
-    a("--fsdp", action="store_true", help="shard params and optimizer state over the data axis")
-    a("--loss-chunk", type=int, default=None, help="opt-in: fuse lm_head + softcap + cross-entropy over vocab "
-      "chunks of this size (e.g. 2048); float32 matches the default to rounding, not bit for bit")  # fmt: skip
-    a("--ynn-dots", action="store_true", help="opt-in: XLA CPU's YNNPACK matmuls in the train step: faster "
-      "with --dtype bfloat16 on CPUs with AVX-512 BF16; changes numerics (float32 included)")  # fmt: skip
+    add_compute_flags(p)
     a("--data-readers", type=int, default=None, help="independent data streams (default: one per process); the "
       "data order depends on this number alone, so fixing it keeps a run's batches across process counts")  # fmt: skip
     a("--seed", type=int, default=0, help="parameter initialisation seed")

@@ -34,30 +34,46 @@ def perturbed(params):
     return jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
 
 
-def sgd_state(mesh):
+def sgd_state(mesh, fsdp=False, loss_chunk=None):
     """The real model with plain SGD (lr 1), so that params - new params = the step's gradient."""
     params = perturbed(nnx.to_pure_dict(nnx.state(GPT(CONFIG, rngs=nnx.Rngs(0)), nnx.Param)))
     tx = optax.sgd(1.0)
-    sh = tree_shardings(params, mesh)
-    graphdef = nnx.graphdef(GPT(CONFIG, rngs=nnx.Rngs(0)))
-    return TrainState(graphdef, tx, params, tx.init(params), sh, tree_shardings(tx.init(params), mesh))
+    sh = tree_shardings(params, mesh, fsdp)
+    graphdef = nnx.graphdef(GPT(CONFIG, rngs=nnx.Rngs(0), loss_chunk=loss_chunk))
+    params = jax.device_put(params, sh)
+    return TrainState(graphdef, tx, params, tx.init(params), sh, tree_shardings(tx.init(params), mesh, fsdp))
+
+
+def step_gradients(state, mesh, x, y):
+    step = make_train_step(state, mesh)
+    after, _, _ = step(jax.tree.map(jnp.copy, state.params), state.opt_state, x, y)
+    return jax.tree.map(lambda a, b: np.asarray(a - b), jax.device_get(state.params), jax.device_get(after))
 
 
 def test_micro_batched_gradients_equal_full_batch():
     mesh = make_mesh(1)
     x, y = batch(0, 1, 4)
-    grads = {}
-    for A in (1, 2, 4):
-        state = sgd_state(mesh)
-        before = state.params
-        step = make_train_step(state, mesh)
-        after, _, _ = step(
-            jax.tree.map(jnp.copy, before), state.opt_state, x.reshape(A, 4 // A, 16), y.reshape(A, 4 // A, 16)
-        )
-        grads[A] = jax.tree.map(lambda a, b: np.asarray(a - b), before, after)
+    grads = {
+        A: step_gradients(sgd_state(mesh), mesh, x.reshape(A, 4 // A, 16), y.reshape(A, 4 // A, 16)) for A in (1, 2, 4)
+    }
     for A in (2, 4):
         for g1, gA in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[A]), strict=True):
             np.testing.assert_allclose(gA, g1, atol=1e-6)
+
+
+@pytest.mark.parametrize("devices,fsdp", [(1, False), (8, False), (8, True)])
+def test_fused_loss_step_gives_the_reference_gradients_sharded(devices, fsdp):
+    """The opt-in fused cross-entropy (loss_chunk, with ragged chunks) in the sharded train step: the same
+    gradients as the plain loss on one device, data parallel and with lm_head sharded by FSDP."""
+    x, y = batch(0, 2, 8)
+    reference = sgd_state(make_mesh(1))
+    want = step_gradients(reference, make_mesh(1), x, y)
+    mesh = make_mesh(devices)
+    got = step_gradients(sgd_state(mesh, fsdp, loss_chunk=40), mesh, x, y)
+    for g, w, p in zip(*map(jax.tree.leaves, (got, want, jax.device_get(reference.params))), strict=True):
+        # A gradient read off as params - new params is resolved to an ulp of the params.
+        resolution = 2 * np.spacing(np.abs(p).max())
+        np.testing.assert_allclose(g, w, atol=1e-6 * float(np.abs(w).max()) + resolution, rtol=1e-4)
 
 
 OPTIM = OptimSettings(setup_groups(64, weight_decay=0.1), Schedule(10))
