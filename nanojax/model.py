@@ -27,7 +27,7 @@ ROTARY_BASE = 10_000
 RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default, whatever the compute dtype
 ROTARY_OVERSIZE = 10  # nanochat precomputes rotary tables for 10x the sequence length
 ATTN_QUERY_BLOCK = 256  # self-attention runs in query blocks of this many rows, skipping masked keys
-CE_ROW_BLOCK = 512  # the fused cross-entropy's row tile: with a 2,048-column chunk its logits stay in cache
+CE_ROW_BLOCK = 512  # the fused cross-entropy's row tile: with 2,048-column chunks its logits stay in cache
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ class GPT(nnx.Module):
         x_NC = rms_norm(self.trunk(idx_BT))
         B, T, C = x_NC.shape
         valid_BT = targets_BT != -1
-        loss_N = fused_softcap_ce(
+        loss_N = softcap_ce(
             x_NC.reshape(B * T, C), self.lm_head.kernel[...], jnp.where(valid_BT, targets_BT, 0).reshape(-1),
             self.config.vocab_size, self.loss_chunk, jnp.dtype(self.dtype),
         )  # fmt: skip
@@ -322,10 +322,26 @@ def _dot(a, b, contracting: tuple[int, int], dtype):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
+    """fused_softcap_ce over tiles of CE_ROW_BLOCK rows, one after another (a lax.map, whose backward
+    accumulates dW in place): each tile's logits stay in cache whatever the batch."""
+    N = x_NC.shape[0]
+    if N <= CE_ROW_BLOCK:
+        return fused_softcap_ce(x_NC, W_CV, targets_N, vocab_size, chunk, dtype)
+    tiles = -(-N // CE_ROW_BLOCK)
+    pad = tiles * CE_ROW_BLOCK - N  # padding rows are cut from the loss below, so they get no gradient
+    x_nRC = jnp.pad(x_NC, ((0, pad), (0, 0))).reshape(tiles, CE_ROW_BLOCK, -1)
+    targets_nR = jnp.pad(targets_N, (0, pad)).reshape(tiles, CE_ROW_BLOCK)
+    loss_nR = jax.lax.map(
+        lambda tile: fused_softcap_ce(tile[0], W_CV, tile[1], vocab_size, chunk, dtype), (x_nRC, targets_nR)
+    )
+    return loss_nR.reshape(-1)[:N]
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def fused_softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
-    """Per-row cross-entropy of SOFTCAP * tanh(x W / SOFTCAP) over the first vocab_size columns, in tiles
-    of CE_ROW_BLOCK rows by `chunk` vocab columns, never holding the (N, V) float32 logits.
+    """Per-row cross-entropy of SOFTCAP * tanh(x W / SOFTCAP) over the first vocab_size columns, in vocab
+    chunks of `chunk` columns, never holding the (N, V) float32 logits.
 
     The backward needs no second pass over the logits. With t = tanh(z / SOFTCAP) and e = exp(SOFTCAP t),
     dloss/dz = (e / sum(e) - onehot) (1 - t^2): the forward keeps a = e (1 - t^2) (in the compute dtype)
@@ -334,23 +350,12 @@ def fused_softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
     return _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype, with_grad=False)[0]
 
 
-def _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype, with_grad=True):
-    W_cast_CV = W_CV[:, :vocab_size].astype(dtype)
-    tiles = [
-        _ce_rows(x_NC[r : r + CE_ROW_BLOCK], W_cast_CV, targets_N[r : r + CE_ROW_BLOCK], chunk, dtype, with_grad)
-        for r in range(0, x_NC.shape[0], CE_ROW_BLOCK)
-    ]
-    loss_N = jnp.concatenate([loss for loss, _ in tiles])
-    return loss_N, (x_NC, W_CV, targets_N, [saved for _, saved in tiles]) if with_grad else None
-
-
-def _ce_rows(x_in_NC, W_CV, targets_N, chunk, dtype, with_grad):
-    """Loss of one row block and, for the backward, what it needs of the block (see fused_softcap_ce)."""
-    x_NC = x_in_NC.astype(dtype)
+def _fused_ce_fwd(x_in_NC, W_in_CV, targets_N, vocab_size, chunk, dtype, with_grad=True):
+    x_NC, W_CV = x_in_NC.astype(dtype), W_in_CV[:, :vocab_size].astype(dtype)
     sumexp_N = jnp.zeros(x_NC.shape[0], jnp.float32)
     dx_unscaled_NC = jnp.zeros(x_NC.shape, jnp.float32)
     a_chunks = []
-    for start in range(0, W_CV.shape[1], chunk):
+    for start in range(0, vocab_size, chunk):
         W_Cc = W_CV[:, start : start + chunk]
         t_Nc = jnp.tanh(_dot(x_NC, W_Cc, (1, 0), dtype) / SOFTCAP)
         # Softcapped logits are at most SOFTCAP: shifting by it bounds exp without a running max.
@@ -366,26 +371,22 @@ def _ce_rows(x_in_NC, W_CV, targets_N, chunk, dtype, with_grad):
     z_target_N = jnp.einsum("nc,nc->n", x_NC, W_target_NC, precision=precision, preferred_element_type=jnp.float32)
     t_target_N = jnp.tanh(z_target_N / SOFTCAP)
     loss_N = jnp.log(sumexp_N) + SOFTCAP - SOFTCAP * t_target_N
-    return loss_N, (sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC)
+    if not with_grad:
+        return loss_N, None
+    return loss_N, (x_in_NC, W_in_CV, targets_N, sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC)
 
 
 def _fused_ce_bwd(vocab_size, chunk, dtype, res, g_N):
-    x_in_NC, W_CV, targets_N, tiles = res
-    dx_tiles, dW_CV = [], None
-    for r, (sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC) in zip(
-        range(0, x_in_NC.shape[0], CE_ROW_BLOCK), tiles, strict=True
-    ):
-        rows = slice(r, r + CE_ROW_BLOCK)
-        scale_N = g_N[rows] / sumexp_N  # the softmax's normalisation, applied only now
-        target_N = g_N[rows] * (1 - t_target_N * t_target_N)  # the one-hot part of dloss/dz
-        dx_tiles.append(scale_N[:, None] * dx_unscaled_NC - target_N[:, None] * W_target_NC.astype(jnp.float32))
-        x_NC = x_in_NC[rows].astype(jnp.float32)
-        x_scaled_NC = (x_NC * scale_N[:, None]).astype(dtype)
-        dW_tile = jnp.concatenate([_dot(x_scaled_NC, a_Nc, (0, 0), dtype) for a_Nc in a_chunks], axis=1)
-        dW_tile = dW_tile.at[:, targets_N[rows]].add(-(x_NC * target_N[:, None]).T)
-        dW_CV = dW_tile if dW_CV is None else dW_CV + dW_tile
-    dW_CV = jnp.pad(dW_CV, ((0, 0), (0, W_CV.shape[1] - vocab_size)))  # padded vocab columns: no gradient
-    return jnp.concatenate(dx_tiles).astype(x_in_NC.dtype), dW_CV.astype(W_CV.dtype), None
+    x_in_NC, W_in_CV, targets_N, sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC = res
+    scale_N = g_N / sumexp_N  # the softmax's normalisation, applied only now
+    target_N = g_N * (1 - t_target_N * t_target_N)  # the one-hot part of dloss/dz
+    dx_NC = scale_N[:, None] * dx_unscaled_NC - target_N[:, None] * W_target_NC.astype(jnp.float32)
+    x_NC = x_in_NC.astype(jnp.float32)
+    x_scaled_NC = (x_NC * scale_N[:, None]).astype(dtype)
+    dW_CV = jnp.concatenate([_dot(x_scaled_NC, a_Nc, (0, 0), dtype) for a_Nc in a_chunks], axis=1)
+    dW_CV = dW_CV.at[:, targets_N].add(-(x_NC * target_N[:, None]).T)
+    dW_CV = jnp.pad(dW_CV, ((0, 0), (0, W_in_CV.shape[1] - vocab_size)))  # padded vocab columns: no gradient
+    return dx_NC.astype(x_in_NC.dtype), dW_CV.astype(W_in_CV.dtype), None
 
 
 fused_softcap_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
