@@ -16,6 +16,7 @@ from nanojax.model import (
     GPTConfig,
     attention_mask,
     config_from_depth,
+    dense,
     load_nanochat_params,
     nanochat_state_dict,
 )
@@ -97,6 +98,22 @@ def test_self_attention_in_query_blocks_equals_the_full_mask(window, query_block
         strict=True,
     ):
         close(g, r)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_gradients_are_autodiffs(dtype):
+    """dense (every Linear's matmul) only rewrites how its weight gradient is laid out: values and both
+    gradients are those of jnp.dot, over leading batch axes too."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x, W = jax.random.normal(kx, (2, 5, 8), dtype), jax.random.normal(kw, (8, 3), dtype)
+    g = jax.random.normal(kg, (2, 5, 3), dtype)
+    precision = jax.lax.Precision.HIGHEST
+    got, vjp = jax.vjp(lambda x, W: dense(x, W, precision), x, W)
+    want, vjp_want = jax.vjp(lambda x, W: jnp.dot(x, W, precision=precision), x, W)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    for a, b in zip((got, *vjp(g)), (want, *vjp_want(g)), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 def test_gqa_query_heads_share_kv_heads():
