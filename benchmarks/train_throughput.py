@@ -37,6 +37,7 @@ from nanojax.train import (
     init_state,
     make_train_step,
     peak_memory_bytes,
+    platform_dtypes,
 )
 
 
@@ -130,7 +131,7 @@ def main():
         scalar_lr=0.5, weight_decay=0.1, adam_betas=(0.8, 0.95),
     )  # fmt: skip
     # As pretraining chooses: Polar Express in float32 on CPU, bfloat16 on accelerators.
-    optim = OptimSettings(groups, Schedule(10_000), orth_dtype="float32" if on_cpu else "bfloat16")
+    optim = OptimSettings(groups, Schedule(10_000), orth_dtype=platform_dtypes()[1])
     flops_per_token, peak = model.flops_per_token(), device_peak_flops()
     rng = np.random.default_rng(0)
 

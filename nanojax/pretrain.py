@@ -16,7 +16,7 @@ from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.report import write_report
 from nanojax.tokenizer import get_tokenizer
-from nanojax.train import OptimSettings, RunConfig, abstract_model, train
+from nanojax.train import OptimSettings, RunConfig, abstract_model, platform_dtypes, train
 
 
 def horizon(args, flops_per_token: int, scaling_params: int) -> int:
@@ -44,15 +44,14 @@ def pretrain(args, base_dir, prompts):
     )  # fmt: skip
     model = abstract_model(config)
     num_iterations = horizon(args, model.flops_per_token(), model.num_scaling_params())
-    on_cpu = jax.devices()[0].platform == "cpu"
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    dtype, orth_dtype = platform_dtypes(args.dtype)
     groups = scaled_groups(
         config.n_embd, args.depth, args.total_batch_size, embedding_lr=args.embedding_lr,
         unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
         weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
     )  # fmt: skip
     schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    optim = OptimSettings(groups, schedule, orth_dtype="float32" if on_cpu else "bfloat16")
+    optim = OptimSettings(groups, schedule, orth_dtype)
     tag = args.model_tag or f"d{args.depth}"
     run = RunConfig(
         model_config=config, optim=optim, num_iterations=num_iterations,

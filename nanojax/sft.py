@@ -20,7 +20,7 @@ from nanojax.optim import Schedule, scaled_groups
 from nanojax.pretrain import replicate, wandb_logger
 from nanojax.report import write_report
 from nanojax.tokenizer import get_tokenizer
-from nanojax.train import OptimSettings, RunConfig, abstract_model, check_tokenizer, train
+from nanojax.train import OptimSettings, RunConfig, abstract_model, check_tokenizer, platform_dtypes, train
 
 # Flags left unset take the base run's value, else these fallbacks (nanochat's chat_sft does the same).
 INHERITED = {
@@ -68,8 +68,7 @@ def sft(args, base_dir, prompts):
           f"{len(val_convs):,} held out | {num_iterations} steps of {rows_per_step} rows "
           f"({num_iterations * rows_per_step / epoch_rows:.2f} epochs)")  # fmt: skip
 
-    on_cpu = jax.devices()[0].platform == "cpu"
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    dtype, orth_dtype = platform_dtypes(args.dtype)
     f = args.init_lr_frac
     groups = scaled_groups(
         config.n_embd, config.n_layer, args.total_batch_size, embedding_lr=args.embedding_lr * f,
@@ -79,7 +78,7 @@ def sft(args, base_dir, prompts):
     schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     tag = args.model_tag or base_ckpt_dir.name
     run = RunConfig(
-        model_config=config, optim=OptimSettings(groups, schedule, orth_dtype="float32" if on_cpu else "bfloat16"),
+        model_config=config, optim=OptimSettings(groups, schedule, orth_dtype),
         num_iterations=num_iterations, device_batch_size=args.device_batch_size,
         total_batch_size=args.total_batch_size, checkpoint_dir=base_dir / "chatsft_checkpoints" / tag, dtype=dtype,
         fsdp=args.fsdp, eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,

@@ -31,6 +31,14 @@ from nanojax.optim import Group, Schedule, build_optimizer
 from nanojax.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
 
 
+def platform_dtypes(dtype_flag: str = "auto") -> tuple[str, str]:
+    """(compute dtype, Polar Express dtype) on this platform. --dtype auto computes in float32 on CPU (the
+    parity-tested path; bfloat16 gains little there) and in bfloat16 on accelerators; Polar Express runs in
+    float32 on CPU (bfloat16 is slower there) and in bfloat16 elsewhere, as nanochat's."""
+    default = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+    return (default if dtype_flag == "auto" else dtype_flag), default
+
+
 @dataclass(frozen=True)
 class OptimSettings:
     groups: dict[str, Group]

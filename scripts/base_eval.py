@@ -36,13 +36,12 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    import jax  # after --help
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # after --help
 
-    from nanojax import core_eval, dataset, engine
+    from nanojax import core_eval, dataset, engine, train
 
     base_dir = get_base_dir(args.base_dir)
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
+    dtype = train.platform_dtypes(args.dtype)[0]
     model, tokenizer, meta, checkpoint_dir = engine.load_for_inference(
         base_dir, args.source, args.model_tag, args.step, jnp.dtype(dtype)
     )
