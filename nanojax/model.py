@@ -126,41 +126,49 @@ def uniform_init(scale: float):
 
 
 class Linear(nnx.Linear):
-    """nnx.Linear without bias; full float32 precision when computing in float32 (no TF32 on GPUs); the
-    matmul is `dense`, whose weight gradient XLA lays out well on CPU."""
+    """nnx.Linear without bias whose matmul is `dense`: float32 accumulation, full float32 precision when
+    computing in float32 (no TF32 on GPUs), and gradients XLA runs well on CPU."""
 
     def __init__(self, d_in, d_out, *, init, dtype, param_dtype, rngs):
-        precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
         super().__init__(
-            d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
-            precision=precision, rngs=rngs,
-        )  # fmt: skip
+            d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x):
-        return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.precision)
+        return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x, W_CK, precision):
-    """x W over x's last axis: jnp.dot, with the gradients autodiff would give, but the weight's written
-    as x^T g over the flattened rows. XLA then transposes the activations rather than the output gradient;
-    left to autodiff, XLA on CPU writes lm_head's (rows, 8,192) gradient transposed, a third of a float32
-    train step at the seed size."""
-    return jnp.dot(x, W_CK, precision=precision)
+@jax.custom_vjp
+def dense(x, W_CK):
+    """x W over x's last axis, accumulated in float32 and rounded once to x's dtype, with autodiff's
+    gradients written so that XLA on CPU runs every matmul as it runs best: row-major operands, no
+    transpose folded into the dot. Left to autodiff, XLA writes lm_head's (rows, 8,192) output gradient
+    transposed (a third of a float32 step at the seed size) and, in bfloat16, turns each backward dot
+    and every dot with a bfloat16 result into a float32 one."""
+    return _dot(x, W_CK, (x.ndim - 1, 0), x.dtype).astype(x.dtype)
 
 
-def _dense_fwd(x, W_CK, precision):
-    return dense(x, W_CK, precision), (x, W_CK)
+def _dense_fwd(x, W_CK):
+    return dense(x, W_CK), (x, W_CK)
 
 
-def _dense_bwd(precision, res, g):
+def _dense_bwd(res, g):
     x, W_CK = res
-    dx = jnp.dot(g, W_CK.T, precision=precision)
-    dW_CK = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]), precision=precision)
-    return dx, dW_CK
+    x_NC, g_NK = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dx_NC = _dot(g_NK, W_CK, (1, 1), x.dtype)
+    dW_CK = _dot(transposed(x_NC), g_NK, (1, 0), x.dtype)
+    return dx_NC.astype(x.dtype).reshape(x.shape), dW_CK.astype(W_CK.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def transposed(x):
+    """x with its last two axes swapped, written out row-major. A plain transpose feeding a dot becomes a
+    layout that XLA's CPU matmuls take only in float32; flattening behind an optimization barrier makes
+    XLA write the transpose itself."""
+    *lead, m, n = x.shape
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(-1)).reshape(*lead, n, m)
 
 
 class Attention(nnx.Module):
@@ -209,16 +217,48 @@ class Attention(nnx.Module):
         return self.c_proj(jnp.concatenate(y_BTC, axis=1))
 
     def _softmax_attention(self, q_BTHD, k_BSKD, v_BSKD, mask_TS):
-        """Softmax attention in float32; each kv head serves n_head / n_kv_head query heads (GQA)."""
+        """Softmax attention; each kv head serves G = n_head / n_kv_head query heads (GQA), whose queries
+        are stacked as rows M = G x T against that head's keys."""
         B, T, H, D = q_BTHD.shape
         K = self.n_kv_head
-        q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-        scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, precision=self.c_q.precision)
-        scores_BKGTS = scores_BKGTS.astype(jnp.float32) / math.sqrt(D)
-        scores_BKGTS = jnp.where(mask_TS, scores_BKGTS, -jnp.inf)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
-        y_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD, precision=self.c_q.precision)
-        return y_BTKGD.reshape(B, T, H * D)
+        G = H // K
+        q_BKMD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+        k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
+        y_BKMD = softmax_attention(q_BKMD, k_BKSD, v_BKSD, jnp.tile(mask_TS, (G, 1)))
+        return y_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
+
+
+@jax.custom_vjp
+def softmax_attention(q_BKMD, k_BKSD, v_BKSD, mask_MS):
+    """softmax(q k^T / sqrt(D), masked) v per batch and kv head, the scores and softmax in float32.
+    A custom VJP so that every backward matmul is one XLA's CPU matmuls take in bfloat16 (row-major
+    operands, see `transposed`); its gradients are autodiff's."""
+    return _attention_fwd(q_BKMD, k_BKSD, v_BKSD, mask_MS)[0]
+
+
+def _attention_fwd(q_BKMD, k_BKSD, v_BKSD, mask_MS):
+    dtype, D = q_BKMD.dtype, q_BKMD.shape[-1]
+    scores_BKMS = jnp.where(mask_MS, _dot(q_BKMD, k_BKSD, (3, 3), dtype, batch=2) / math.sqrt(D), -jnp.inf)
+    e_BKMS = jnp.exp(scores_BKMS - scores_BKMS.max(-1, keepdims=True))
+    p_BKMS = (e_BKMS / e_BKMS.sum(-1, keepdims=True)).astype(dtype)
+    y_BKMD = _dot(p_BKMS, v_BKSD, (3, 2), dtype, batch=2).astype(dtype)
+    return y_BKMD, (q_BKMD, k_BKSD, v_BKSD, p_BKMS, y_BKMD)
+
+
+def _attention_bwd(res, dy_BKMD):
+    q_BKMD, k_BKSD, v_BKSD, p_BKMS, y_BKMD = res
+    dtype, D = q_BKMD.dtype, q_BKMD.shape[-1]
+    dp_BKMS = _dot(dy_BKMD, v_BKSD, (3, 3), dtype, batch=2)
+    # softmax's backward: ds = p (dp - sum_s p dp), and sum_s p dp = dy . y
+    dy_dot_y_BKM1 = jnp.sum(dy_BKMD.astype(jnp.float32) * y_BKMD.astype(jnp.float32), -1, keepdims=True)
+    ds_BKMS = (p_BKMS.astype(jnp.float32) * (dp_BKMS - dy_dot_y_BKM1) / math.sqrt(D)).astype(dtype)
+    dq_BKMD = _dot(ds_BKMS, k_BKSD, (3, 2), dtype, batch=2)
+    dk_BKSD = _dot(transposed(ds_BKMS), q_BKMD, (3, 2), dtype, batch=2)
+    dv_BKSD = _dot(transposed(p_BKMS), dy_BKMD, (3, 2), dtype, batch=2)
+    return dq_BKMD.astype(dtype), dk_BKSD.astype(dtype), dv_BKSD.astype(dtype), None
+
+
+softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class MLP(nnx.Module):
@@ -342,10 +382,11 @@ def reduce_loss(loss_BT, valid_BT, reduction: str):
     return loss_BT.sum() / jnp.maximum(valid_BT.sum(), 1)
 
 
-def _dot(a, b, contracting: tuple[int, int], dtype):
-    """a . b over one axis each, accumulated in float32; full float32 precision for float32 inputs."""
+def _dot(a, b, contracting: tuple[int, int], dtype, batch: int = 0):
+    """a . b over one axis each and the first `batch` axes of both as batch axes, accumulated in float32;
+    full float32 precision for float32 inputs."""
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    dims = (((contracting[0],), (contracting[1],)), ((), ()))
+    dims = (((contracting[0],), (contracting[1],)), (tuple(range(batch)), tuple(range(batch))))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -409,8 +450,8 @@ def _fused_ce_bwd(vocab_size, chunk, dtype, res, g_N):
     target_N = g_N * (1 - t_target_N * t_target_N)  # the one-hot part of dloss/dz
     dx_NC = scale_N[:, None] * dx_unscaled_NC - target_N[:, None] * W_target_NC.astype(jnp.float32)
     x_NC = x_in_NC.astype(jnp.float32)
-    x_scaled_NC = (x_NC * scale_N[:, None]).astype(dtype)
-    dW_CV = jnp.concatenate([_dot(x_scaled_NC, a_Nc, (0, 0), dtype) for a_Nc in a_chunks], axis=1)
+    x_scaled_CN = transposed((x_NC * scale_N[:, None]).astype(dtype))
+    dW_CV = jnp.concatenate([_dot(x_scaled_CN, a_Nc, (1, 0), dtype) for a_Nc in a_chunks], axis=1)
     dW_CV = dW_CV.at[:, targets_N].add(-(x_NC * target_N[:, None]).T)
     dW_CV = jnp.pad(dW_CV, ((0, 0), (0, W_in_CV.shape[1] - vocab_size)))  # padded vocab columns: no gradient
     return dx_NC.astype(x_in_NC.dtype), dW_CV.astype(W_in_CV.dtype), None

@@ -17,6 +17,7 @@ from nanojax.model import (
     attention_mask,
     config_from_depth,
     dense,
+    softmax_attention,
     load_nanochat_params,
     nanochat_state_dict,
 )
@@ -101,14 +102,38 @@ def test_self_attention_in_query_blocks_equals_the_full_mask(window, query_block
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_attention_gradients_are_autodiffs(dtype):
+    """softmax_attention's hand-written backward gives autodiff's gradients of the plain formula, with
+    a sliding-window causal mask and ragged sizes."""
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    B, K, M, S, D = 2, 3, 7, 9, 16
+    q = jax.random.normal(kq, (B, K, M, D), dtype)
+    k, v = jax.random.normal(kk, (B, K, S, D), dtype), jax.random.normal(kv, (B, K, S, D), dtype)
+    g = jax.random.normal(kg, (B, K, M, D), dtype)
+    mask = attention_mask(jnp.arange(S - M, S), jnp.arange(S), 4)
+
+    def plain(q, k, v):
+        scores = jnp.einsum("bkmd,bksd->bkms", q, k, precision="highest", preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(jnp.where(mask, scores / math.sqrt(D), -jnp.inf), axis=-1)
+        return jnp.einsum("bkms,bksd->bkmd", probs.astype(dtype), v, precision="highest").astype(dtype)
+
+    got, vjp = jax.vjp(lambda q, k, v: softmax_attention(q, k, v, mask), q, k, v)
+    want, vjp_want = jax.vjp(plain, q, k, v)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    for a, b in zip((got, *vjp(g)), (want, *vjp_want(g)), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_gradients_are_autodiffs(dtype):
-    """dense (every Linear's matmul) only rewrites how its weight gradient is laid out: values and both
-    gradients are those of jnp.dot, over leading batch axes too."""
+    """dense (every Linear's matmul) only rewrites how XLA lays out its matmuls: values and both gradients
+    are those of jnp.dot, over leading batch axes too."""
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, W = jax.random.normal(kx, (2, 5, 8), dtype), jax.random.normal(kw, (8, 3), dtype)
     g = jax.random.normal(kg, (2, 5, 3), dtype)
     precision = jax.lax.Precision.HIGHEST
-    got, vjp = jax.vjp(lambda x, W: dense(x, W, precision), x, W)
+    got, vjp = jax.vjp(dense, x, W)
     want, vjp_want = jax.vjp(lambda x, W: jnp.dot(x, W, precision=precision), x, W)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     for a, b in zip((got, *vjp(g)), (want, *vjp_want(g)), strict=True):
