@@ -292,7 +292,7 @@ class GPT(nnx.Module):
         self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
         loss_chunk: int | None = None,
     ):  # fmt: skip
-        """loss_chunk, opt-in: `loss` fuses lm_head + softcap + cross-entropy (`fused_softcap_ce`) over
+        """loss_chunk, opt-in: `loss` fuses lm_head + softcap + cross-entropy (`softcap_ce_sum`) over
         vocabulary chunks of this many columns, never materialising the logits; None keeps the reference path."""
         self.config = config
         self.dtype = dtype
@@ -342,11 +342,14 @@ class GPT(nnx.Module):
         x_NC = rms_norm(self.trunk(idx_BT))
         B, T, C = x_NC.shape
         valid_BT = targets_BT != -1
-        loss_N = softcap_ce(
-            x_NC.reshape(B * T, C), self.lm_head.kernel[...], jnp.where(valid_BT, targets_BT, 0).reshape(-1),
-            self.config.vocab_size, self.loss_chunk, jnp.dtype(self.dtype),
-        )  # fmt: skip
-        return reduce_loss(jnp.where(valid_BT, loss_N.reshape(B, T), 0.0), valid_BT, reduction)
+        args = (x_NC.reshape(B * T, C), self.lm_head.kernel[...], jnp.where(valid_BT, targets_BT, 0).reshape(-1))
+        static = (self.config.vocab_size, self.loss_chunk, jnp.dtype(self.dtype))
+        if reduction == "none":
+            return jnp.where(valid_BT, softcap_ce(*args, *static).reshape(B, T), 0.0)
+        weights_BT = valid_BT.astype(jnp.float32)
+        if reduction == "mean":
+            weights_BT = weights_BT / jnp.maximum(valid_BT.sum(), 1)
+        return softcap_ce_sum(*args, weights_BT.reshape(-1), *static)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
@@ -391,73 +394,104 @@ def _dot(a, b, contracting: tuple[int, int], dtype, batch: int = 0):
 
 
 def softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
-    """fused_softcap_ce over tiles of CE_ROW_BLOCK rows, one after another (a lax.map, whose backward
-    accumulates dW in place): each tile's logits stay in cache whatever the batch."""
+    """Per-row cross-entropy of SOFTCAP * tanh(x W / SOFTCAP) over the first vocab_size columns, in tiles of
+    CE_ROW_BLOCK rows (one after another, a lax.map, so that a tile's logits stay in cache whatever the
+    batch) by `chunk` vocab columns: the (N, V) float32 logits never exist. Autodiff differentiates it;
+    `softcap_ce_sum` is the fast path for a weighted sum, such as the mean loss."""
     N = x_NC.shape[0]
     if N <= CE_ROW_BLOCK:
-        return fused_softcap_ce(x_NC, W_CV, targets_N, vocab_size, chunk, dtype)
-    tiles = -(-N // CE_ROW_BLOCK)
-    pad = tiles * CE_ROW_BLOCK - N  # padding rows are cut from the loss below, so they get no gradient
-    x_nRC = jnp.pad(x_NC, ((0, pad), (0, 0))).reshape(tiles, CE_ROW_BLOCK, -1)
-    targets_nR = jnp.pad(targets_N, (0, pad)).reshape(tiles, CE_ROW_BLOCK)
-    loss_nR = jax.lax.map(
-        lambda tile: fused_softcap_ce(tile[0], W_CV, tile[1], vocab_size, chunk, dtype), (x_nRC, targets_nR)
-    )
+        return _ce_tile_loss(x_NC, W_CV, targets_N, vocab_size, chunk, dtype)
+    x_nRC, targets_nR = _row_tiles(x_NC), _row_tiles(targets_N)
+    loss_nR = jax.lax.map(lambda t: _ce_tile_loss(t[0], W_CV, t[1], vocab_size, chunk, dtype), (x_nRC, targets_nR))
     return loss_nR.reshape(-1)[:N]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def fused_softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
-    """Per-row cross-entropy of SOFTCAP * tanh(x W / SOFTCAP) over the first vocab_size columns, in vocab
-    chunks of `chunk` columns, never holding the (N, V) float32 logits.
-
-    The backward needs no second pass over the logits. With t = tanh(z / SOFTCAP) and e = exp(SOFTCAP t),
-    dloss/dz = (e / sum(e) - onehot) (1 - t^2): the forward keeps a = e (1 - t^2) (in the compute dtype)
-    and a W^T, so the backward only rescales rows by 1 / sum(e) and does the one dW = x^T a matmul:
-    three matmuls in all, where autodiff of the plain loss or a recomputing scan does four."""
-    return _fused_ce_fwd(x_NC, W_CV, targets_N, vocab_size, chunk, dtype, with_grad=False)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def softcap_ce_sum(x_NC, W_CV, targets_N, weights_N, vocab_size: int, chunk: int, dtype):
+    """sum_n weights_n * softcap_ce_n. Differentiated, its forward computes the gradients as well: the loss
+    is a scalar, so they only await its cotangent, and nothing per row is kept for the backward."""
+    return jnp.sum(weights_N * softcap_ce(x_NC, W_CV, targets_N, vocab_size, chunk, dtype))
 
 
-def _fused_ce_fwd(x_in_NC, W_in_CV, targets_N, vocab_size, chunk, dtype, with_grad=True):
-    x_NC, W_CV = x_in_NC.astype(dtype), W_in_CV[:, :vocab_size].astype(dtype)
-    sumexp_N = jnp.zeros(x_NC.shape[0], jnp.float32)
-    dx_unscaled_NC = jnp.zeros(x_NC.shape, jnp.float32)
+def _ce_sum_fwd(x_NC, W_CV, targets_N, weights_N, vocab_size, chunk, dtype):
+    N = x_NC.shape[0]
+    if N <= CE_ROW_BLOCK:
+        loss_N, dx_NC, dW_CV = _ce_tile_grad(x_NC, W_CV, targets_N, weights_N, vocab_size, chunk, dtype)
+    else:  # padding rows have weight 0: no gradient
+
+        def tile(dW_CV, t):
+            loss_R, dx_RC, dW_tile_CV = _ce_tile_grad(t[0], W_CV, t[1], t[2], vocab_size, chunk, dtype)
+            return dW_CV + dW_tile_CV, (loss_R, dx_RC)
+
+        dW_CV = jnp.zeros((x_NC.shape[1], vocab_size), jnp.float32)
+        dW_CV, (loss_nR, dx_nRC) = jax.lax.scan(tile, dW_CV, tuple(map(_row_tiles, (x_NC, targets_N, weights_N))))
+        loss_N, dx_NC = loss_nR.reshape(-1)[:N], dx_nRC.reshape(-1, x_NC.shape[1])[:N]
+    dW_CV = jnp.pad(dW_CV, ((0, 0), (0, W_CV.shape[1] - vocab_size)))  # padded vocab columns: no gradient
+    loss = jnp.sum(weights_N * loss_N)
+    return loss, (loss_N, dx_NC.astype(x_NC.dtype), dW_CV.astype(W_CV.dtype))
+
+
+def _ce_sum_bwd(vocab_size, chunk, dtype, res, g):
+    loss_N, dx_NC, dW_CV = res
+    return g * dx_NC, g * dW_CV, None, g * loss_N
+
+
+softcap_ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd)
+
+
+def _row_tiles(a_N):
+    """a's rows zero-padded to whole CE_ROW_BLOCK tiles: (tiles, CE_ROW_BLOCK, ...)."""
+    tiles = -(-a_N.shape[0] // CE_ROW_BLOCK)
+    padding = ((0, tiles * CE_ROW_BLOCK - a_N.shape[0]),) + ((0, 0),) * (a_N.ndim - 1)
+    return jnp.pad(a_N, padding).reshape(tiles, CE_ROW_BLOCK, *a_N.shape[1:])
+
+
+def _ce_tile_loss(x_in_RC, W_in_CV, targets_R, vocab_size, chunk, dtype):
+    x_RC, W_CV = x_in_RC.astype(dtype), W_in_CV[:, :vocab_size].astype(dtype)
+    sumexp_R = jnp.zeros(x_RC.shape[0], jnp.float32)
+    for start in range(0, vocab_size, chunk):
+        t_Rc = jnp.tanh(_dot(x_RC, W_CV[:, start : start + chunk], (1, 0), dtype) / SOFTCAP)
+        # Softcapped logits are at most SOFTCAP: shifting by it bounds exp without a running max.
+        sumexp_R = sumexp_R + jnp.exp(SOFTCAP * t_Rc - SOFTCAP).sum(-1)
+    return jnp.log(sumexp_R) + SOFTCAP - SOFTCAP * _target_tanh(x_RC, W_CV, targets_R, dtype)[0]
+
+
+def _target_tanh(x_RC, W_CV, targets_R, dtype):
+    """tanh(z_target / SOFTCAP) from each target's own column of W (a row dot, not a one-hot pass over
+    every chunk), and those columns."""
+    W_target_RC = jnp.take(W_CV, targets_R, axis=1).T
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    z_R = jnp.einsum("rc,rc->r", x_RC, W_target_RC, precision=precision, preferred_element_type=jnp.float32)
+    return jnp.tanh(z_R / SOFTCAP), W_target_RC
+
+
+def _ce_tile_grad(x_in_RC, W_in_CV, targets_R, weights_R, vocab_size, chunk, dtype):
+    """(loss_R, d sum(weights loss) / dx, ... / dW[:, :vocab_size]) for one row tile. With t = tanh(z / SOFTCAP)
+    and e = exp(SOFTCAP t), dloss/dz = (e / sum(e) - onehot) (1 - t^2): a = e (1 - t^2) per chunk gives
+    a W^T as it goes, and once sum(e) is known, dW = (x / sum(e))^T a: three matmuls where autodiff does
+    four."""
+    x_RC, W_CV = x_in_RC.astype(dtype), W_in_CV[:, :vocab_size].astype(dtype)
+    sumexp_R = jnp.zeros(x_RC.shape[0], jnp.float32)
+    dx_unscaled_RC = jnp.zeros(x_RC.shape, jnp.float32)
     a_chunks = []
     for start in range(0, vocab_size, chunk):
         W_Cc = W_CV[:, start : start + chunk]
-        t_Nc = jnp.tanh(_dot(x_NC, W_Cc, (1, 0), dtype) / SOFTCAP)
-        # Softcapped logits are at most SOFTCAP: shifting by it bounds exp without a running max.
-        e_Nc = jnp.exp(SOFTCAP * t_Nc - SOFTCAP)
-        sumexp_N = sumexp_N + e_Nc.sum(-1)
-        if with_grad:
-            a_Nc = (e_Nc * (1 - t_Nc * t_Nc)).astype(dtype)
-            dx_unscaled_NC = dx_unscaled_NC + _dot(a_Nc, W_Cc, (1, 1), dtype)
-            a_chunks.append(a_Nc)
-    # The target's logit from its own column of W: a row dot instead of a one-hot pass over every chunk.
-    W_target_NC = jnp.take(W_CV, targets_N, axis=1).T
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    z_target_N = jnp.einsum("nc,nc->n", x_NC, W_target_NC, precision=precision, preferred_element_type=jnp.float32)
-    t_target_N = jnp.tanh(z_target_N / SOFTCAP)
-    loss_N = jnp.log(sumexp_N) + SOFTCAP - SOFTCAP * t_target_N
-    if not with_grad:
-        return loss_N, None
-    return loss_N, (x_in_NC, W_in_CV, targets_N, sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC)
-
-
-def _fused_ce_bwd(vocab_size, chunk, dtype, res, g_N):
-    x_in_NC, W_in_CV, targets_N, sumexp_N, dx_unscaled_NC, a_chunks, t_target_N, W_target_NC = res
-    scale_N = g_N / sumexp_N  # the softmax's normalisation, applied only now
-    target_N = g_N * (1 - t_target_N * t_target_N)  # the one-hot part of dloss/dz
-    dx_NC = scale_N[:, None] * dx_unscaled_NC - target_N[:, None] * W_target_NC.astype(jnp.float32)
-    x_NC = x_in_NC.astype(jnp.float32)
-    x_scaled_CN = transposed((x_NC * scale_N[:, None]).astype(dtype))
-    dW_CV = jnp.concatenate([_dot(x_scaled_CN, a_Nc, (1, 0), dtype) for a_Nc in a_chunks], axis=1)
-    dW_CV = dW_CV.at[:, targets_N].add(-(x_NC * target_N[:, None]).T)
-    dW_CV = jnp.pad(dW_CV, ((0, 0), (0, W_in_CV.shape[1] - vocab_size)))  # padded vocab columns: no gradient
-    return dx_NC.astype(x_in_NC.dtype), dW_CV.astype(W_in_CV.dtype), None
-
-
-fused_softcap_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+        t_Rc = jnp.tanh(_dot(x_RC, W_Cc, (1, 0), dtype) / SOFTCAP)
+        e_Rc = jnp.exp(SOFTCAP * t_Rc - SOFTCAP)
+        sumexp_R = sumexp_R + e_Rc.sum(-1)
+        a_Rc = (e_Rc * (1 - t_Rc * t_Rc)).astype(dtype)
+        dx_unscaled_RC = dx_unscaled_RC + _dot(a_Rc, W_Cc, (1, 1), dtype)
+        a_chunks.append(a_Rc)
+    t_target_R, W_target_RC = _target_tanh(x_RC, W_CV, targets_R, dtype)
+    loss_R = jnp.log(sumexp_R) + SOFTCAP - SOFTCAP * t_target_R
+    scale_R = weights_R / sumexp_R  # the softmax's normalisation
+    target_R = weights_R * (1 - t_target_R * t_target_R)  # the one-hot part of dloss/dz
+    dx_RC = scale_R[:, None] * dx_unscaled_RC - target_R[:, None] * W_target_RC.astype(jnp.float32)
+    x32_RC = x_in_RC.astype(jnp.float32)
+    x_scaled_CR = transposed((x32_RC * scale_R[:, None]).astype(dtype))
+    dW_CV = jnp.concatenate([_dot(x_scaled_CR, a_Rc, (1, 0), dtype) for a_Rc in a_chunks], axis=1)
+    dW_CV = dW_CV.at[:, targets_R].add(-(x32_RC * target_R[:, None]).T)
+    return loss_R, dx_RC, dW_CV
 
 
 # --- nanochat state_dict names <-> nanojax parameter paths ---------------------------------------
