@@ -164,11 +164,15 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def transposed(x):
-    """x with its last two axes swapped, written out row-major. A plain transpose feeding a dot becomes a
-    layout that XLA's CPU matmuls take only in float32; flattening behind an optimization barrier makes
-    XLA write the transpose itself."""
-    *lead, m, n = x.shape
-    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(-1)).reshape(*lead, n, m)
+    """x with its last two axes swapped, written out row-major (`row_major`)."""
+    return row_major(jnp.swapaxes(x, -1, -2))
+
+
+def row_major(x):
+    """x written out in row-major order. XLA folds a transpose into its consumer's layout, and a dot whose
+    operand is not row-major runs on CPU only in float32; flattening behind an optimization barrier makes
+    XLA write the transposed array itself."""
+    return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
 class Attention(nnx.Module):
@@ -222,8 +226,8 @@ class Attention(nnx.Module):
         B, T, H, D = q_BTHD.shape
         K = self.n_kv_head
         G = H // K
-        q_BKMD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-        k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
+        q_BKMD = row_major(q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D))
+        k_BKSD, v_BKSD = row_major(k_BSKD.transpose(0, 2, 1, 3)), row_major(v_BSKD.transpose(0, 2, 1, 3))
         y_BKMD = softmax_attention(q_BKMD, k_BKSD, v_BKSD, jnp.tile(mask_TS, (G, 1)))
         return y_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
@@ -248,6 +252,7 @@ def _attention_fwd(q_BKMD, k_BKSD, v_BKSD, mask_MS):
 def _attention_bwd(res, dy_BKMD):
     q_BKMD, k_BKSD, v_BKSD, p_BKMS, y_BKMD = res
     dtype, D = q_BKMD.dtype, q_BKMD.shape[-1]
+    dy_BKMD = row_major(dy_BKMD)
     dp_BKMS = _dot(dy_BKMD, v_BKSD, (3, 3), dtype, batch=2)
     # softmax's backward: ds = p (dp - sum_s p dp), and sum_s p dp = dy . y
     dy_dot_y_BKM1 = jnp.sum(dy_BKMD.astype(jnp.float32) * y_BKMD.astype(jnp.float32), -1, keepdims=True)
