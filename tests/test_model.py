@@ -17,9 +17,9 @@ from nanojax.model import (
     attention_mask,
     config_from_depth,
     dense,
-    softmax_attention,
     load_nanochat_params,
     nanochat_state_dict,
+    softmax_attention,
 )
 
 
