@@ -130,9 +130,7 @@ class Linear(nnx.Linear):
     computing in float32 (no TF32 on GPUs), and gradients XLA runs well on CPU."""
 
     def __init__(self, d_in, d_out, *, init, dtype, param_dtype, rngs):
-        super().__init__(
-            d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        super().__init__(d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
