@@ -403,9 +403,11 @@ def softcap_ce(x_NC, W_CV, targets_N, vocab_size: int, chunk: int, dtype):
     `softcap_ce_sum` is the fast path for a weighted sum, such as the mean loss."""
     N = x_NC.shape[0]
     if N <= CE_ROW_BLOCK:
-        return _ce_tile_loss(x_NC, W_CV, targets_N, vocab_size, chunk, dtype)
+        return _ce_tile(x_NC, W_CV, targets_N, None, vocab_size, chunk, dtype, with_grad=False)
     x_nRC, targets_nR = _row_tiles(x_NC), _row_tiles(targets_N)
-    loss_nR = jax.lax.map(lambda t: _ce_tile_loss(t[0], W_CV, t[1], vocab_size, chunk, dtype), (x_nRC, targets_nR))
+    loss_nR = jax.lax.map(
+        lambda t: _ce_tile(t[0], W_CV, t[1], None, vocab_size, chunk, dtype, with_grad=False), (x_nRC, targets_nR)
+    )
     return loss_nR.reshape(-1)[:N]
 
 
@@ -419,11 +421,11 @@ def softcap_ce_sum(x_NC, W_CV, targets_N, weights_N, vocab_size: int, chunk: int
 def _ce_sum_fwd(x_NC, W_CV, targets_N, weights_N, vocab_size, chunk, dtype):
     N = x_NC.shape[0]
     if N <= CE_ROW_BLOCK:
-        loss_N, dx_NC, dW_CV = _ce_tile_grad(x_NC, W_CV, targets_N, weights_N, vocab_size, chunk, dtype)
+        loss_N, dx_NC, dW_CV = _ce_tile(x_NC, W_CV, targets_N, weights_N, vocab_size, chunk, dtype, with_grad=True)
     else:  # padding rows have weight 0: no gradient
 
         def tile(dW_CV, t):
-            loss_R, dx_RC, dW_tile_CV = _ce_tile_grad(t[0], W_CV, t[1], t[2], vocab_size, chunk, dtype)
+            loss_R, dx_RC, dW_tile_CV = _ce_tile(t[0], W_CV, t[1], t[2], vocab_size, chunk, dtype, with_grad=True)
             return dW_CV + dW_tile_CV, (loss_R, dx_RC)
 
         dW_CV = jnp.zeros((x_NC.shape[1], vocab_size), jnp.float32)
@@ -436,7 +438,7 @@ def _ce_sum_fwd(x_NC, W_CV, targets_N, weights_N, vocab_size, chunk, dtype):
 
 def _ce_sum_bwd(vocab_size, chunk, dtype, res, g):
     loss_N, dx_NC, dW_CV = res
-    return g * dx_NC, g * dW_CV, None, g * loss_N
+    return (g * dx_NC).astype(dx_NC.dtype), (g * dW_CV).astype(dW_CV.dtype), None, g * loss_N
 
 
 softcap_ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd)
@@ -449,30 +451,11 @@ def _row_tiles(a_N):
     return jnp.pad(a_N, padding).reshape(tiles, CE_ROW_BLOCK, *a_N.shape[1:])
 
 
-def _ce_tile_loss(x_in_RC, W_in_CV, targets_R, vocab_size, chunk, dtype):
-    x_RC, W_CV = x_in_RC.astype(dtype), W_in_CV[:, :vocab_size].astype(dtype)
-    sumexp_R = jnp.zeros(x_RC.shape[0], jnp.float32)
-    for start in range(0, vocab_size, chunk):
-        t_Rc = jnp.tanh(_dot(x_RC, W_CV[:, start : start + chunk], (1, 0), dtype) / SOFTCAP)
-        # Softcapped logits are at most SOFTCAP: shifting by it bounds exp without a running max.
-        sumexp_R = sumexp_R + jnp.exp(SOFTCAP * t_Rc - SOFTCAP).sum(-1)
-    return jnp.log(sumexp_R) + SOFTCAP - SOFTCAP * _target_tanh(x_RC, W_CV, targets_R, dtype)[0]
-
-
-def _target_tanh(x_RC, W_CV, targets_R, dtype):
-    """tanh(z_target / SOFTCAP) from each target's own column of W (a row dot, not a one-hot pass over
-    every chunk), and those columns."""
-    W_target_RC = jnp.take(W_CV, targets_R, axis=1).T
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    z_R = jnp.einsum("rc,rc->r", x_RC, W_target_RC, precision=precision, preferred_element_type=jnp.float32)
-    return jnp.tanh(z_R / SOFTCAP), W_target_RC
-
-
-def _ce_tile_grad(x_in_RC, W_in_CV, targets_R, weights_R, vocab_size, chunk, dtype):
-    """(loss_R, d sum(weights loss) / dx, ... / dW[:, :vocab_size]) for one row tile. With t = tanh(z / SOFTCAP)
-    and e = exp(SOFTCAP t), dloss/dz = (e / sum(e) - onehot) (1 - t^2): a = e (1 - t^2) per chunk gives
-    a W^T as it goes, and once sum(e) is known, dW = (x / sum(e))^T a: three matmuls where autodiff does
-    four."""
+def _ce_tile(x_in_RC, W_in_CV, targets_R, weights_R, vocab_size, chunk, dtype, with_grad: bool):
+    """loss_R for one row tile and, with_grad, d sum(weights loss) / dx and / dW[:, :vocab_size]. With
+    t = tanh(z / SOFTCAP) and e = exp(SOFTCAP t), dloss/dz = (e / sum(e) - onehot) (1 - t^2): a = e (1 - t^2)
+    per chunk gives a W^T as it goes, and once sum(e) is known, dW = (x / sum(e))^T a: three matmuls where
+    autodiff does four."""
     x_RC, W_CV = x_in_RC.astype(dtype), W_in_CV[:, :vocab_size].astype(dtype)
     sumexp_R = jnp.zeros(x_RC.shape[0], jnp.float32)
     dx_unscaled_RC = jnp.zeros(x_RC.shape, jnp.float32)
@@ -480,13 +463,21 @@ def _ce_tile_grad(x_in_RC, W_in_CV, targets_R, weights_R, vocab_size, chunk, dty
     for start in range(0, vocab_size, chunk):
         W_Cc = W_CV[:, start : start + chunk]
         t_Rc = jnp.tanh(_dot(x_RC, W_Cc, (1, 0), dtype) / SOFTCAP)
+        # Softcapped logits are at most SOFTCAP: shifting by it bounds exp without a running max.
         e_Rc = jnp.exp(SOFTCAP * t_Rc - SOFTCAP)
         sumexp_R = sumexp_R + e_Rc.sum(-1)
-        a_Rc = (e_Rc * (1 - t_Rc * t_Rc)).astype(dtype)
-        dx_unscaled_RC = dx_unscaled_RC + _dot(a_Rc, W_Cc, (1, 1), dtype)
-        a_chunks.append(a_Rc)
-    t_target_R, W_target_RC = _target_tanh(x_RC, W_CV, targets_R, dtype)
+        if with_grad:
+            a_Rc = (e_Rc * (1 - t_Rc * t_Rc)).astype(dtype)
+            dx_unscaled_RC = dx_unscaled_RC + _dot(a_Rc, W_Cc, (1, 1), dtype)
+            a_chunks.append(a_Rc)
+    # The target's logit from its own column of W: a row dot instead of a one-hot pass over every chunk.
+    W_target_RC = jnp.take(W_CV, targets_R, axis=1).T
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    z_target_R = jnp.einsum("rc,rc->r", x_RC, W_target_RC, precision=precision, preferred_element_type=jnp.float32)
+    t_target_R = jnp.tanh(z_target_R / SOFTCAP)
     loss_R = jnp.log(sumexp_R) + SOFTCAP - SOFTCAP * t_target_R
+    if not with_grad:
+        return loss_R
     scale_R = weights_R / sumexp_R  # the softmax's normalisation
     target_R = weights_R * (1 - t_target_R * t_target_R)  # the one-hot part of dloss/dz
     dx_RC = scale_R[:, None] * dx_unscaled_RC - target_R[:, None] * W_target_RC.astype(jnp.float32)

@@ -223,6 +223,31 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(n_head=6, n_kv_head=4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softcap_ce_sum_gradients_are_autodiffs(dtype, monkeypatch):
+    """softcap_ce_sum's gradients (computed in its forward, over ragged row tiles) are autodiff's of the
+    weighted per-row softcap_ce, in float32 and in bfloat16, weights included."""
+    monkeypatch.setattr(model_module, "CE_ROW_BLOCK", 16)
+    kx, kw, kt, kv = jax.random.split(jax.random.key(0), 4)
+    N, C, V = 40, 32, 250
+    x, W = jax.random.normal(kx, (N, C), dtype), 0.3 * jax.random.normal(kw, (C, 256))
+    targets, weights = jax.random.randint(kt, (N,), 0, V), jax.random.uniform(kv, (N,))
+
+    def plain(x, W, weights):
+        return jnp.sum(weights * model_module.softcap_ce(x, W, targets, V, 96, dtype))
+
+    got, got_grads = jax.value_and_grad(model_module.softcap_ce_sum, argnums=(0, 1, 3))(
+        x, W, targets, weights, V, 96, dtype
+    )
+    want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, W, weights)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got, want, rtol=tol)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == w.dtype
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())
+
+
 # 250: padded vocab, ragged last chunk; row block 24: 64 rows in ragged row tiles
 @pytest.mark.parametrize("vocab_size,chunk,row_block", [(256, 64, 512), (250, 96, 512), (250, 96, 24)])
 def test_fused_loss_chunk_matches_reference(vocab_size, chunk, row_block, monkeypatch):
