@@ -143,7 +143,7 @@ def dense(x, W_CK):
     transpose folded into the dot. Left to autodiff, XLA writes lm_head's (rows, 8,192) output gradient
     transposed (a third of a float32 step at the seed size) and, in bfloat16, turns each backward dot
     and every dot with a bfloat16 result into a float32 one."""
-    return _dot(x, W_CK, (x.ndim - 1, 0), x.dtype).astype(x.dtype)
+    return _dot(x, W_CK, (x.ndim - 1, 0)).astype(x.dtype)
 
 
 def _dense_fwd(x, W_CK):
@@ -153,8 +153,8 @@ def _dense_fwd(x, W_CK):
 def _dense_bwd(res, g):
     x, W_CK = res
     x_NC, g_NK = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dx_NC = _dot(g_NK, W_CK, (1, 1), x.dtype)
-    dW_CK = _dot(transposed(x_NC), g_NK, (1, 0), x.dtype)
+    dx_NC = _dot(g_NK, W_CK, (1, 1))
+    dW_CK = _dot(transposed(x_NC), g_NK, (1, 0))
     return dx_NC.astype(x.dtype).reshape(x.shape), dW_CK.astype(W_CK.dtype)
 
 
@@ -240,10 +240,10 @@ def softmax_attention(q_BKMD, k_BKSD, v_BKSD, mask_MS):
 
 def _attention_fwd(q_BKMD, k_BKSD, v_BKSD, mask_MS):
     dtype, D = q_BKMD.dtype, q_BKMD.shape[-1]
-    scores_BKMS = jnp.where(mask_MS, _dot(q_BKMD, k_BKSD, (3, 3), dtype, batch=2) / math.sqrt(D), -jnp.inf)
+    scores_BKMS = jnp.where(mask_MS, _dot(q_BKMD, k_BKSD, (3, 3), batch=2) / math.sqrt(D), -jnp.inf)
     e_BKMS = jnp.exp(scores_BKMS - scores_BKMS.max(-1, keepdims=True))
     p_BKMS = (e_BKMS / e_BKMS.sum(-1, keepdims=True)).astype(dtype)
-    y_BKMD = _dot(p_BKMS, v_BKSD, (3, 2), dtype, batch=2).astype(dtype)
+    y_BKMD = _dot(p_BKMS, v_BKSD, (3, 2), batch=2).astype(dtype)
     return y_BKMD, (q_BKMD, k_BKSD, v_BKSD, p_BKMS, y_BKMD)
 
 
@@ -251,13 +251,13 @@ def _attention_bwd(res, dy_BKMD):
     q_BKMD, k_BKSD, v_BKSD, p_BKMS, y_BKMD = res
     dtype, D = q_BKMD.dtype, q_BKMD.shape[-1]
     dy_BKMD = row_major(dy_BKMD)
-    dp_BKMS = _dot(dy_BKMD, v_BKSD, (3, 3), dtype, batch=2)
+    dp_BKMS = _dot(dy_BKMD, v_BKSD, (3, 3), batch=2)
     # softmax's backward: ds = p (dp - sum_s p dp), and sum_s p dp = dy . y
     dy_dot_y_BKM1 = jnp.sum(dy_BKMD.astype(jnp.float32) * y_BKMD.astype(jnp.float32), -1, keepdims=True)
     ds_BKMS = (p_BKMS.astype(jnp.float32) * (dp_BKMS - dy_dot_y_BKM1) / math.sqrt(D)).astype(dtype)
-    dq_BKMD = _dot(ds_BKMS, k_BKSD, (3, 2), dtype, batch=2)
-    dk_BKSD = _dot(transposed(ds_BKMS), q_BKMD, (3, 2), dtype, batch=2)
-    dv_BKSD = _dot(transposed(p_BKMS), dy_BKMD, (3, 2), dtype, batch=2)
+    dq_BKMD = _dot(ds_BKMS, k_BKSD, (3, 2), batch=2)
+    dk_BKSD = _dot(transposed(ds_BKMS), q_BKMD, (3, 2), batch=2)
+    dv_BKSD = _dot(transposed(p_BKMS), dy_BKMD, (3, 2), batch=2)
     return dq_BKMD.astype(dtype), dk_BKSD.astype(dtype), dv_BKSD.astype(dtype), None
 
 
@@ -388,10 +388,10 @@ def reduce_loss(loss_BT, valid_BT, reduction: str):
     return loss_BT.sum() / jnp.maximum(valid_BT.sum(), 1)
 
 
-def _dot(a, b, contracting: tuple[int, int], dtype, batch: int = 0):
+def _dot(a, b, contracting: tuple[int, int], batch: int = 0):
     """a . b over one axis each and the first `batch` axes of both as batch axes, accumulated in float32;
     full float32 precision for float32 inputs."""
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     dims = (((contracting[0],), (contracting[1],)), (tuple(range(batch)), tuple(range(batch))))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
@@ -462,18 +462,17 @@ def _ce_tile(x_in_RC, W_in_CV, targets_R, weights_R, vocab_size, chunk, dtype, w
     a_chunks = []
     for start in range(0, vocab_size, chunk):
         W_Cc = W_CV[:, start : start + chunk]
-        t_Rc = jnp.tanh(_dot(x_RC, W_Cc, (1, 0), dtype) / SOFTCAP)
+        t_Rc = jnp.tanh(_dot(x_RC, W_Cc, (1, 0)) / SOFTCAP)
         # Softcapped logits are at most SOFTCAP: shifting by it bounds exp without a running max.
         e_Rc = jnp.exp(SOFTCAP * t_Rc - SOFTCAP)
         sumexp_R = sumexp_R + e_Rc.sum(-1)
         if with_grad:
             a_Rc = (e_Rc * (1 - t_Rc * t_Rc)).astype(dtype)
-            dx_unscaled_RC = dx_unscaled_RC + _dot(a_Rc, W_Cc, (1, 1), dtype)
+            dx_unscaled_RC = dx_unscaled_RC + _dot(a_Rc, W_Cc, (1, 1))
             a_chunks.append(a_Rc)
     # The target's logit from its own column of W: a row dot instead of a one-hot pass over every chunk.
     W_target_RC = jnp.take(W_CV, targets_R, axis=1).T
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    z_target_R = jnp.einsum("rc,rc->r", x_RC, W_target_RC, precision=precision, preferred_element_type=jnp.float32)
+    z_target_R = _dot(x_RC, W_target_RC, (1, 1), batch=1)
     t_target_R = jnp.tanh(z_target_R / SOFTCAP)
     loss_R = jnp.log(sumexp_R) + SOFTCAP - SOFTCAP * t_target_R
     if not with_grad:
@@ -483,7 +482,7 @@ def _ce_tile(x_in_RC, W_in_CV, targets_R, weights_R, vocab_size, chunk, dtype, w
     dx_RC = scale_R[:, None] * dx_unscaled_RC - target_R[:, None] * W_target_RC.astype(jnp.float32)
     x32_RC = x_in_RC.astype(jnp.float32)
     x_scaled_CR = transposed((x32_RC * scale_R[:, None]).astype(dtype))
-    dW_CV = jnp.concatenate([_dot(x_scaled_CR, a_Rc, (1, 0), dtype) for a_Rc in a_chunks], axis=1)
+    dW_CV = jnp.concatenate([_dot(x_scaled_CR, a_Rc, (1, 0)) for a_Rc in a_chunks], axis=1)
     dW_CV = dW_CV.at[:, targets_R].add(-(x32_RC * target_R[:, None]).T)
     return loss_R, dx_RC, dW_CV
 
