@@ -3,9 +3,10 @@
     python -m benchmarks.train_throughput                                   # the d4 seed config, batch 1 and 8
     python -m benchmarks.train_throughput --device-batch-size 8 --dtype float32 --dtype bfloat16
     python -m benchmarks.train_throughput --depth 12 --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 \\
-        --vocab-size 32768 --total-batch-size 524288 --device-batch-size 32
+        --vocab-size 32768 --window-pattern SSSL --total-batch-size 524288 --device-batch-size 32 \\
+        --dtype bfloat16 --attention cudnn,nanojax       # a GPU: cuDNN's flash attention against ours
 
-Prints the machine, then one row per (device batch, dtype): the first call (compilation + one step),
+Prints the machine, then one row per (dtype, attention, device batch): the first call (compilation + one step),
 the steady step time and tokens/s (median over --steps, each step waited for), peak memory and MFU
 where the device's peak FLOPs are known. A second table times one optimizer update alone against one
 forward+backward of a single 1 x T row. The batches are random tokens: the loader has its own
@@ -13,6 +14,7 @@ benchmark (benchmarks.data_throughput).
 """
 
 import argparse
+import itertools
 import statistics
 import time
 from functools import partial
@@ -37,6 +39,7 @@ from nanojax.train import (
     init_state,
     make_train_step,
     peak_memory_bytes,
+    platform_attention,
     platform_dtypes,
 )
 
@@ -108,6 +111,8 @@ def main():
                         help="tokens per optimizer step; the rest is gradient accumulation")  # fmt: skip
     parser.add_argument("--dtype", type=comma_list(str), action="extend",
                         help="compute dtype: float32 and/or bfloat16; repeatable (default: float32)")  # fmt: skip
+    parser.add_argument("--attention", type=comma_list(str), action="extend",
+                        help="self-attention: auto, nanojax, xla, cudnn; repeatable (default: auto)")  # fmt: skip
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="opt-in: fused lm_head + softcap + cross-entropy over vocab chunks")  # fmt: skip
     parser.add_argument("--ynn-dots", action="store_true",
@@ -116,6 +121,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     args = parser.parse_args()
     batch_sizes, dtypes = args.device_batch_size or [1, 8], args.dtype or ["float32"]
+    attentions = args.attention or ["auto"]
 
     config = config_from_depth(
         args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
@@ -146,32 +152,35 @@ def main():
     print("peak memory: " + ("process peak RSS so far (it only grows across rows)" if on_cpu else "device peak"))
     print()
     header = (
-        f"{'batch':>5} {'accum':>5} {'dtype':>8} {'1st call s':>10} {'step ms':>8} {'tokens/s':>9} {'peak MiB':>8} "
-        f"{'GFLOP/s':>8} {'MFU':>6}"
+        f"{'batch':>5} {'accum':>5} {'dtype':>8} {'attention':>9} {'1st call s':>10} {'step ms':>8} {'tokens/s':>9} "
+        f"{'peak MiB':>8} {'GFLOP/s':>8} {'MFU':>6}"
     )
     print(header)
     print("-" * len(header))
-    for dtype in dtypes:
-        for B in batch_sizes:
-            accum = grad_accum_steps(args.total_batch_size, B, T, dp)
-            state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk)
-            x, y = (jnp.asarray(tokens(accum, B * dp, T)) for _ in range(2))
-            first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup, YNN_DOTS if args.ynn_dots else None)
-            del state
-            tok_s = args.total_batch_size / dt
-            mfu = f"{100 * flops_per_token * tok_s / (peak * dp):.1f}%" if peak else "n/a"
-            print(f"{B:>5} {accum:>5} {dtype:>8} {first:>10.1f} {1000 * dt:>8.1f} {tok_s:>9,.0f} "
-                  f"{peak_memory_bytes() / 2**20:>8,.0f} "
-                  f"{flops_per_token * tok_s / 1e9:>8,.1f} {mfu:>6}")  # fmt: skip
+    for dtype, attention, B in itertools.product(dtypes, attentions, batch_sizes):
+        attention = platform_attention(attention, dtype)
+        accum = grad_accum_steps(args.total_batch_size, B, T, dp)
+        state = init_state(
+            config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk, attention=attention
+        )  # fmt: skip
+        x, y = (jnp.asarray(tokens(accum, B * dp, T)) for _ in range(2))
+        first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup, YNN_DOTS if args.ynn_dots else None)
+        del state
+        tok_s = args.total_batch_size / dt
+        mfu = f"{100 * flops_per_token * tok_s / (peak * dp):.1f}%" if peak else "n/a"
+        print(f"{B:>5} {accum:>5} {dtype:>8} {attention:>9} {first:>10.1f} {1000 * dt:>8.1f} {tok_s:>9,.0f} "
+              f"{peak_memory_bytes() / 2**20:>8,.0f} "
+              f"{flops_per_token * tok_s / 1e9:>8,.1f} {mfu:>6}")  # fmt: skip
 
     # The optimizer alone vs one forward+backward of a 1 x T row: where a batch-1 step's time goes.
     print()
-    print(f"optimizer update vs forward+backward (1 x {T} tokens)")
+    print(f"optimizer update vs forward+backward (1 x {T} tokens, attention {attentions[0]})")
     header = f"{'dtype':>8} {'fwd+bwd ms':>10} {'optimizer ms':>12} {'optimizer / fwd+bwd':>19}"
     print(header)
     print("-" * len(header))
     for dtype in dtypes:
-        state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk)
+        attention = platform_attention(attentions[0], dtype)
+        state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk, attention=attention)
         fwd_bwd, opt = time_parts(state, jnp.asarray(tokens(1, T)), jnp.asarray(tokens(1, T)), args.steps, args.warmup)
         print(f"{dtype:>8} {1000 * fwd_bwd:>10.1f} {1000 * opt:>12.1f} {opt / fwd_bwd:>19.2f}")
 

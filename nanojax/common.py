@@ -27,6 +27,9 @@ def add_compute_flags(parser) -> None:
     a("--fsdp", action="store_true", help="shard params and optimizer state over the data axis")
     a("--loss-chunk", type=int, default=None, help="opt-in: fuse lm_head + softcap + cross-entropy over vocab "
       "chunks of this size (e.g. 2048); float32 matches the default to rounding, not bit for bit")  # fmt: skip
+    a("--attention", choices=["auto", "nanojax", "xla", "cudnn"], default="auto", help="self-attention: nanojax's "
+      "own, or jax.nn.dot_product_attention's xla or cudnn (flash attention); auto: cudnn on GPUs in bfloat16, "
+      "else nanojax")  # fmt: skip
     a("--ynn-dots", action="store_true", help="opt-in: XLA CPU's YNNPACK matmuls in the train step: faster "
       "with --dtype bfloat16 on CPUs with AVX-512 BF16; changes numerics (float32 included)")  # fmt: skip
 

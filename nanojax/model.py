@@ -27,6 +27,8 @@ ROTARY_BASE = 10_000
 RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default, whatever the compute dtype
 ROTARY_OVERSIZE = 10  # nanochat precomputes rotary tables for 10x the sequence length
 ATTN_QUERY_BLOCK = 256  # self-attention runs in query blocks of this many rows, skipping masked keys
+# Self-attention implementations (GPT's attention): ours, and jax.nn.dot_product_attention's two.
+ATTENTION_IMPLEMENTATIONS = ("nanojax", "xla", "cudnn")
 CE_ROW_BLOCK = 512  # the fused cross-entropy's row tile: with 2,048-column chunks its logits stay in cache
 
 
@@ -169,7 +171,10 @@ def transposed(x):
 def row_major(x):
     """x written out in row-major order. XLA folds a transpose into its consumer's layout, and a dot whose
     operand is not row-major runs on CPU only in float32; flattening behind an optimization barrier makes
-    XLA write the transposed array itself."""
+    XLA write the transposed array itself. Other backends' matmuls take transposed operands as they are, so
+    there x is left to XLA."""
+    if jax.default_backend() != "cpu":
+        return x
     return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
@@ -203,12 +208,24 @@ class Attention(nnx.Module):
         """Softmax attention of queries over keys (mask_TS says which), projected back to the residual."""
         return self.c_proj(self._softmax_attention(q_BTHD, k_BSKD, v_BSKD, mask_TS))
 
-    def self_attend(self, q_BTHD, k_BTKD, v_BTKD, window: int, query_block: int = ATTN_QUERY_BLOCK):
-        """Causal self-attention of one sequence with itself, as `attend` with attention_mask, but in
-        blocks of queries that each see only the keys their mask can let through: a block ends its keys
-        at its last query and starts them a window before its first. At two blocks that skips a quarter
-        of the score matmuls and softmax; on CPU it pays, and the sums differ only in rounding."""
-        T = q_BTHD.shape[1]
+    def self_attend(
+        self, q_BTHD, k_BTKD, v_BTKD, window: int, implementation: str = "nanojax", query_block: int = ATTN_QUERY_BLOCK
+    ):  # fmt: skip
+        """Causal self-attention of one sequence with itself, as `attend` with attention_mask.
+
+        "nanojax" runs `softmax_attention` in blocks of queries that each see only the keys their mask can
+        let through: a block ends its keys at its last query and starts them a window before its first. At
+        two blocks that skips a quarter of the score matmuls and softmax; on CPU it pays, and the sums differ
+        only in rounding. "xla" and "cudnn" are jax.nn.dot_product_attention's implementations, cuDNN's
+        being flash attention on NVIDIA GPUs (bfloat16 or float16 only)."""
+        B, T, H, D = q_BTHD.shape
+        if implementation != "nanojax":
+            # Query t sees keys t - window .. t; a window reaching the first key is plain causal attention.
+            local_window = (window, 0) if window < T - 1 else None
+            y_BTHD = jax.nn.dot_product_attention(
+                q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local_window, implementation=implementation
+            )
+            return self.c_proj(y_BTHD.reshape(B, T, H * D))
         pos = jnp.arange(T)
         y_BTC = []
         for start in range(0, T, query_block):
@@ -293,13 +310,17 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     def __init__(
         self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-        loss_chunk: int | None = None,
+        loss_chunk: int | None = None, attention: str = "nanojax",
     ):  # fmt: skip
         """loss_chunk, opt-in: `loss` fuses lm_head + softcap + cross-entropy (`softcap_ce_sum`) over
-        vocabulary chunks of this many columns, never materialising the logits; None keeps the reference path."""
+        vocabulary chunks of this many columns, never materialising the logits; None keeps the reference path.
+        attention: the self-attention implementation, one of ATTENTION_IMPLEMENTATIONS (see `self_attend`)."""
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(f"unknown attention {attention!r}: pick one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         self.config = config
         self.dtype = dtype
         self.loss_chunk = loss_chunk
+        self.attention = attention
         V, D, L = config.padded_vocab_size, config.n_embd, config.n_layer
         self.wte = nnx.Param(jax.random.normal(rngs.params(), (V, D), param_dtype))
         self.blocks = nnx.List([Block(config, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for i in range(L)])
@@ -326,7 +347,7 @@ class GPT(nnx.Module):
             ve_BTC = block.value_embed[...][idx_BT] if block.value_embed is not None else None
             x_BTD = self.resid_lambdas[i] * x_BTD + self.x0_lambdas[i] * x0_BTD
             q_BTHD, k_BTKD, v_BTKD = block.attn.qkv(rms_norm(x_BTD), ve_BTC, cos_TD, sin_TD)
-            x_BTD = x_BTD + block.attn.self_attend(q_BTHD, k_BTKD, v_BTKD, window)
+            x_BTD = x_BTD + block.attn.self_attend(q_BTHD, k_BTKD, v_BTKD, window, self.attention)
             x_BTD = x_BTD + block.mlp(rms_norm(x_BTD))
         return x_BTD
 

@@ -16,7 +16,7 @@ from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.report import write_report
 from nanojax.tokenizer import get_tokenizer
-from nanojax.train import OptimSettings, RunConfig, abstract_model, platform_dtypes, train
+from nanojax.train import OptimSettings, RunConfig, abstract_model, platform_attention, platform_dtypes, train
 
 
 def horizon(args, flops_per_token: int, scaling_params: int) -> int:
@@ -60,6 +60,7 @@ def pretrain(args, base_dir, prompts):
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume_from_step=args.resume_from_step, seed=args.seed, loss_chunk=args.loss_chunk,
+        attention=platform_attention(args.attention, dtype),
         ynn_dots=args.ynn_dots, user_config=vars(args),
     )  # fmt: skip
     T = config.sequence_len

@@ -20,7 +20,15 @@ from nanojax.optim import Schedule, scaled_groups
 from nanojax.pretrain import replicate, wandb_logger
 from nanojax.report import write_report
 from nanojax.tokenizer import get_tokenizer
-from nanojax.train import OptimSettings, RunConfig, abstract_model, check_tokenizer, platform_dtypes, train
+from nanojax.train import (
+    OptimSettings,
+    RunConfig,
+    abstract_model,
+    check_tokenizer,
+    platform_attention,
+    platform_dtypes,
+    train,
+)
 
 # Flags left unset take the base run's value, else these fallbacks (nanochat's chat_sft does the same).
 INHERITED = {
@@ -83,7 +91,8 @@ def sft(args, base_dir, prompts):
         total_batch_size=args.total_batch_size, checkpoint_dir=base_dir / "chatsft_checkpoints" / tag, dtype=dtype,
         fsdp=args.fsdp, eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume_from_step=args.resume_from_step,
-        seed=args.seed, loss_chunk=args.loss_chunk, ynn_dots=args.ynn_dots, eval_metric="loss",
+        seed=args.seed, loss_chunk=args.loss_chunk, attention=platform_attention(args.attention, dtype),
+        ynn_dots=args.ynn_dots, eval_metric="loss",
         user_config=vars(args) | {"base_checkpoint": str(base_ckpts.step_dir(base_step))},
     )  # fmt: skip
     model = abstract_model(config)

@@ -39,6 +39,18 @@ def platform_dtypes(dtype_flag: str = "auto") -> tuple[str, str]:
     return (default if dtype_flag == "auto" else dtype_flag), default
 
 
+def platform_attention(attention_flag: str, dtype: str) -> str:
+    """The self-attention implementation (GPT's attention) for --attention on this platform. auto: cuDNN's
+    flash attention on GPUs computing in bfloat16 or float16, else nanojax's own (the parity-tested path,
+    and the faster one on CPU)."""
+    cudnn_ok = jax.devices()[0].platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if attention_flag == "auto":
+        return "cudnn" if cudnn_ok else "nanojax"
+    if attention_flag == "cudnn" and not cudnn_ok:
+        raise UserError("--attention cudnn needs an NVIDIA GPU and --dtype bfloat16: use --attention auto")
+    return attention_flag
+
+
 @dataclass(frozen=True)
 class OptimSettings:
     groups: dict[str, Group]
@@ -58,25 +70,30 @@ class TrainState:
     opt_shardings: optax.OptState
 
 
-def abstract_model(config: GPTConfig, dtype=jnp.float32, loss_chunk: int | None = None) -> GPT:
-    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, loss_chunk=loss_chunk))
+def abstract_model(
+    config: GPTConfig, dtype=jnp.float32, loss_chunk: int | None = None, attention: str = "nanojax"
+) -> GPT:  # fmt: skip
+    return nnx.eval_shape(
+        lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, loss_chunk=loss_chunk, attention=attention)
+    )
 
 
 def init_state(
     config: GPTConfig, optim: OptimSettings, mesh, *, dtype=jnp.float32, fsdp=False, seed=0, load_params=None,
-    loss_chunk: int | None = None,
+    loss_chunk: int | None = None, attention: str = "nanojax",
 ) -> TrainState:  # fmt: skip
     """Build params and optimizer state directly in their shardings (nothing materialised replicated).
 
     load_params(targets) -> params, if given, replaces the random init (finetuning starts from saved
     weights): it gets ShapeDtypeStructs carrying the param shardings, e.g. to restore a checkpoint into.
     loss_chunk (opt-in, see GPT): the train step's loss fuses lm_head + softcap + cross-entropy in chunks.
+    attention: GPT's self-attention implementation (`platform_attention` picks one).
     """
 
     def init_params():
         return nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param))
 
-    graphdef = nnx.graphdef(abstract_model(config, dtype, loss_chunk))
+    graphdef = nnx.graphdef(abstract_model(config, dtype, loss_chunk, attention))
     abstract_params = jax.eval_shape(init_params)
     tx = build_optimizer(abstract_params, optim.groups, optim.schedule, jnp.dtype(optim.orth_dtype))
     param_sh = tree_shardings(abstract_params, mesh, fsdp)
@@ -236,6 +253,7 @@ class RunConfig:
     seed: int = 0
     ynn_dots: bool = False  # opt-in: XLA CPU's YNNPACK dots for the train step (YNN_DOTS), for bfloat16
     loss_chunk: int | None = None  # opt-in fused lm_head + softcap + cross-entropy (GPT's loss_chunk)
+    attention: str = "nanojax"  # GPT's self-attention implementation, see platform_attention
     eval_metric: str = "bpb"  # "bpb" or "loss" (finetuning): logged, saved and summarised as val_<metric>
     user_config: dict = field(default_factory=dict)
 
@@ -284,7 +302,7 @@ def train(
     load = init_params if run.resume_from_step < 0 else None  # a resume restores its own params
     state = init_state(
         config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed, load_params=load,
-        loss_chunk=run.loss_chunk,
+        loss_chunk=run.loss_chunk, attention=run.attention,
     )  # fmt: skip
     if run.resume_from_step < 0:
         set_aside_previous_run(Path(run.checkpoint_dir), log)

@@ -70,10 +70,15 @@ def test_sliding_window_attention_sees_exactly_its_window(window):
     assert list(np.flatnonzero(seen)) == list(range(t - window, t + 1))
 
 
-@pytest.mark.parametrize("window,query_block", [(40, 8), (5, 8), (3, 16), (40, 40)])
-def test_self_attention_in_query_blocks_equals_the_full_mask(window, query_block):
-    """self_attend's query blocks (keys cut to what each block's mask lets through, a ragged last block)
-    give what attend gives with the whole causal, windowed mask, values and gradients."""
+@pytest.mark.parametrize(
+    "window,implementation,query_block",
+    [(40, "nanojax", 8), (5, "nanojax", 8), (3, "nanojax", 16), (40, "nanojax", 40), (40, "xla", 0), (5, "xla", 0)],
+)
+def test_self_attention_equals_the_full_mask(window, implementation, query_block):
+    """self_attend gives what attend gives with the whole causal, windowed mask, values and gradients: ours
+    in query blocks (keys cut to what each block's mask lets through, a ragged last block), and
+    jax.nn.dot_product_attention with the arguments that, with implementation "cudnn", run flash attention
+    on GPUs."""
     config = GPTConfig(sequence_len=40, vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64)
     attn = Attention(config, 0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     attn.c_proj.kernel[...] = jax.random.normal(jax.random.key(2), (64, 64))
@@ -87,7 +92,7 @@ def test_self_attention_in_query_blocks_equals_the_full_mask(window, query_block
         return attn.attend(q, k, v, attention_mask(pos, pos, window))
 
     def blocked(q, k, v):
-        return attn.self_attend(q, k, v, window, query_block=query_block)
+        return attn.self_attend(q, k, v, window, implementation, query_block=query_block)
 
     def close(got, want):  # float32 rounding of sums whose terms are as large as the biggest output
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
@@ -139,6 +144,26 @@ def test_dense_gradients_are_autodiffs(dtype):
     for a, b in zip((got, *vjp(g)), (want, *vjp_want(g)), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_attention_implementations_give_the_same_loss_and_gradients():
+    """GPT's attention option reaches every layer: jax.nn.dot_product_attention's XLA implementation gives
+    our loss and gradients (sliding and full windows, GQA, value embeddings)."""
+    config = GPTConfig(sequence_len=24, vocab_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
+    idx = jax.random.randint(jax.random.key(1), (2, 24), 0, 64)
+
+    def loss_and_grads(attention):
+        graphdef, params = nnx.split(GPT(config, rngs=nnx.Rngs(0), attention=attention), nnx.Param)
+        # Nonzero everywhere: zero-initialised projections would hide the attention inputs' gradients.
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        params = treedef.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+        return jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(idx[:, :-1], idx[:, 1:]))(params)
+
+    (loss, grads), (want_loss, want_grads) = loss_and_grads("xla"), loss_and_grads("nanojax")
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(jnp.abs(w).max()))
 
 
 def test_gqa_query_heads_share_kv_heads():
@@ -221,6 +246,8 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(window_pattern="SXL")
     with pytest.raises(UserError, match="n_kv_head"):
         GPTConfig(n_head=6, n_kv_head=4)
+    with pytest.raises(UserError, match="unknown attention 'flash'"):
+        GPT(GPTConfig(), rngs=nnx.Rngs(0), attention="flash")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -174,6 +174,8 @@ def test_fsdp_checkpoint_restores_on_one_device(tiny_base):
 def test_bad_inputs_are_one_line_errors(tiny_base):
     with pytest.raises(UserError, match="not divisible"):
         run(tiny_base, "--num-iterations=1", "--total-batch-size=500")
+    with pytest.raises(UserError, match="needs an NVIDIA GPU"):
+        run(tiny_base, "--num-iterations=1", "--attention=cudnn")
     run(tiny_base, "--num-iterations=1", "--model-tag=bad")
     with pytest.raises(UserError, match="no checkpoint for step 7"):
         run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=7")
