@@ -164,8 +164,15 @@ def main():
             config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk, attention=attention
         )  # fmt: skip
         x, y = (jnp.asarray(tokens(accum, B * dp, T)) for _ in range(2))
-        first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup, YNN_DOTS if args.ynn_dots else None)
-        del state
+        try:
+            first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup, YNN_DOTS if args.ynn_dots else None)
+        except jax.errors.JaxRuntimeError as e:  # a batch too big for the device: say so, go on to the next row
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"{B:>5} {accum:>5} {dtype:>8} {attention:>9}  out of device memory: try a smaller batch")
+            continue
+        finally:
+            del state, x, y
         tok_s = args.total_batch_size / dt
         mfu = f"{100 * flops_per_token * tok_s / (peak * dp):.1f}%" if peak else "n/a"
         print(f"{B:>5} {accum:>5} {dtype:>8} {attention:>9} {first:>10.1f} {1000 * dt:>8.1f} {tok_s:>9,.0f} "
@@ -174,15 +181,15 @@ def main():
 
     # The optimizer alone vs one forward+backward of a 1 x T row: where a batch-1 step's time goes.
     print()
-    print(f"optimizer update vs forward+backward (1 x {T} tokens, attention {attentions[0]})")
-    header = f"{'dtype':>8} {'fwd+bwd ms':>10} {'optimizer ms':>12} {'optimizer / fwd+bwd':>19}"
+    print(f"optimizer update vs forward+backward (1 x {T} tokens)")
+    header = f"{'dtype':>8} {'attention':>9} {'fwd+bwd ms':>10} {'optimizer ms':>12} {'optimizer / fwd+bwd':>19}"
     print(header)
     print("-" * len(header))
     for dtype in dtypes:
         attention = platform_attention(attentions[0], dtype)
         state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk, attention=attention)
         fwd_bwd, opt = time_parts(state, jnp.asarray(tokens(1, T)), jnp.asarray(tokens(1, T)), args.steps, args.warmup)
-        print(f"{dtype:>8} {1000 * fwd_bwd:>10.1f} {1000 * opt:>12.1f} {opt / fwd_bwd:>19.2f}")
+        print(f"{dtype:>8} {attention:>9} {1000 * fwd_bwd:>10.1f} {1000 * opt:>12.1f} {opt / fwd_bwd:>19.2f}")
 
 
 if __name__ == "__main__":
