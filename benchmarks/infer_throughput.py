@@ -20,7 +20,7 @@ from flax import nnx
 
 from benchmarks.data_throughput import machine
 from benchmarks.train_throughput import comma_list
-from nanojax.common import cli
+from nanojax.common import cli, positive_int
 from nanojax.engine import Engine
 from nanojax.model import GPT, config_from_depth
 
@@ -41,20 +41,20 @@ def time_generate(engine: Engine, prompt, batch: int, max_tokens: int, top_k: in
 @cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--depth", type=int, default=4, help="transformer layers")
-    parser.add_argument("--aspect-ratio", type=int, default=32, help="model_dim = depth x aspect ratio")
-    parser.add_argument("--head-dim", type=int, default=64, help="attention head width")
-    parser.add_argument("--max-seq-len", type=int, default=512, help="the model's training length")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size")
+    parser.add_argument("--depth", type=positive_int, default=4, help="transformer layers")
+    parser.add_argument("--aspect-ratio", type=positive_int, default=32, help="model_dim = depth x aspect ratio")
+    parser.add_argument("--head-dim", type=positive_int, default=64, help="attention head width")
+    parser.add_argument("--max-seq-len", type=positive_int, default=512, help="the model's training length")
+    parser.add_argument("--vocab-size", type=positive_int, default=8192, help="vocabulary size")
     parser.add_argument("--window-pattern", default="L", help="sliding windows per layer, e.g. SSSL")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and cache dtype")
     parser.add_argument("--batch-size", type=comma_list(int), action="extend",
                         help="samples decoded together; repeatable or a comma list (default: 1,8)")  # fmt: skip
-    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (one prefill)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per sample")
+    parser.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens (one prefill)")
+    parser.add_argument("--max-tokens", type=positive_int, default=256, help="new tokens per sample")
     parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
-    parser.add_argument("--chunk", type=int, default=16, help="tokens per host round trip for the Engine row")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (the median is reported)")
+    parser.add_argument("--chunk", type=positive_int, default=16, help="tokens per host round trip for the Engine row")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row (the median is reported)")
     args = parser.parse_args()
 
     config = config_from_depth(

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from benchmarks.data_throughput import machine
-from nanojax.common import cli
+from nanojax.common import cli, positive_int
 from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.sharding import make_mesh
@@ -99,25 +99,25 @@ def time_parts(state, x_BT, y_BT, steps, warmup) -> tuple[float, float]:
 @cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--depth", type=int, default=4, help="transformer layers")
-    parser.add_argument("--aspect-ratio", type=int, default=32, help="model_dim = depth x aspect ratio")
-    parser.add_argument("--head-dim", type=int, default=64, help="attention head width")
-    parser.add_argument("--max-seq-len", type=int, default=512, help="tokens per row (T)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size")
+    parser.add_argument("--depth", type=positive_int, default=4, help="transformer layers")
+    parser.add_argument("--aspect-ratio", type=positive_int, default=32, help="model_dim = depth x aspect ratio")
+    parser.add_argument("--head-dim", type=positive_int, default=64, help="attention head width")
+    parser.add_argument("--max-seq-len", type=positive_int, default=512, help="tokens per row (T)")
+    parser.add_argument("--vocab-size", type=positive_int, default=8192, help="vocabulary size")
     parser.add_argument("--window-pattern", default="L", help="sliding windows per layer, e.g. SSSL")
-    parser.add_argument("--device-batch-size", type=comma_list(int), action="extend",
+    parser.add_argument("--device-batch-size", type=comma_list(positive_int), action="extend",
                         help="rows per device per micro-step; repeatable or a comma list (default: 1,8)")  # fmt: skip
-    parser.add_argument("--total-batch-size", type=int, default=4096,
+    parser.add_argument("--total-batch-size", type=positive_int, default=4096,
                         help="tokens per optimizer step; the rest is gradient accumulation")  # fmt: skip
     parser.add_argument("--dtype", type=comma_list(str), action="extend",
                         help="compute dtype: float32 and/or bfloat16; repeatable (default: float32)")  # fmt: skip
     parser.add_argument("--attention", type=comma_list(str), action="extend",
                         help="self-attention: auto, nanojax, xla, cudnn; repeatable (default: auto)")  # fmt: skip
-    parser.add_argument("--loss-chunk", type=int, default=None,
+    parser.add_argument("--loss-chunk", type=positive_int, default=None,
                         help="opt-in: fused lm_head + softcap + cross-entropy over vocab chunks")  # fmt: skip
     parser.add_argument("--ynn-dots", action="store_true",
                         help="opt-in: XLA CPU's YNNPACK matmuls (fast bfloat16; not float32-faithful)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row (the median is reported)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     args = parser.parse_args()
     batch_sizes, dtypes = args.device_batch_size or [1, 8], args.dtype or ["float32"]

@@ -1,5 +1,6 @@
 """Small shared pieces: the base directory and the one-line user error."""
 
+import argparse
 import os
 import sys
 from functools import wraps
@@ -18,6 +19,17 @@ def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for sizes and counts: a bad value is argparse's one-line error, not a crash later."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def add_compute_flags(parser) -> None:
     """The compute options pretraining and finetuning share: dtype, sharding, and the opt-in CPU speed-ups
     (numerics change with them, so they are never the default; benchmarks/README.md has their effect)."""
@@ -25,7 +37,7 @@ def add_compute_flags(parser) -> None:
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="matmul dtype; auto: float32 on CPU, bfloat16 on accelerators (params, loss stay float32)")  # fmt: skip
     a("--fsdp", action="store_true", help="shard params and optimizer state over the data axis")
-    a("--loss-chunk", type=int, default=None, help="opt-in: fuse lm_head + softcap + cross-entropy over vocab "
+    a("--loss-chunk", type=positive_int, default=None, help="opt-in: fuse lm_head + softcap + cross-entropy over vocab "
       "chunks of this size (e.g. 2048); float32 matches the default to rounding, not bit for bit")  # fmt: skip
     a("--attention", choices=["auto", "nanojax", "xla", "cudnn"], default="auto", help="self-attention: nanojax's "
       "own, or jax.nn.dot_product_attention's xla or cudnn (flash attention); auto: cudnn on GPUs in bfloat16, "

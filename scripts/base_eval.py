@@ -14,7 +14,7 @@ to <checkpoint dir>/report.md.
 import argparse
 from pathlib import Path
 
-from nanojax.common import UserError, cli, get_base_dir
+from nanojax.common import UserError, cli, get_base_dir, positive_int
 
 
 def parse_args(argv=None):
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
     a("--eval-tokens", type=int, default=20 * 524288, help="validation tokens for bits per byte; 0 skips it")
-    a("--device-batch-size", type=int, default=32, help="validation rows per device per batch")
+    a("--device-batch-size", type=positive_int, default=32, help="validation rows per device per batch")
     a("--core-bundle", default=None, help="CORE task bundle directory (default <base_dir>/eval_bundle if present)")
     a("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",

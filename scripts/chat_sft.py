@@ -15,7 +15,7 @@ whole into rows of --max-seq-len tokens and the loss counts the assistant's toke
 import argparse
 from pathlib import Path
 
-from nanojax.common import add_compute_flags, cli, get_base_dir
+from nanojax.common import add_compute_flags, cli, get_base_dir, positive_int
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["What is 12+30?", "How many 'r' are in 'strawberry'?", "Hi!"]
@@ -37,9 +37,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("horizon and batch (unset: the base run's)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs)")
     g.add_argument("--num-epochs", type=float, default=1.0, help="passes over the training conversations")
-    g.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens")
-    g.add_argument("--device-batch-size", type=int, default=None, help="rows per device per micro-step")
-    g.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step")
+    g.add_argument("--max-seq-len", type=positive_int, default=None, help="row length in tokens")
+    g.add_argument("--device-batch-size", type=positive_int, default=None, help="rows per device per micro-step")
+    g.add_argument("--total-batch-size", type=positive_int, default=None, help="tokens per optimizer step")
     g = p.add_argument_group("optimizer (unset lrs: the base run's)")
     g.add_argument("--embedding-lr", type=float, default=None, help="AdamW lr of wte and value embeddings")
     g.add_argument("--unembedding-lr", type=float, default=None, help="AdamW lr of lm_head")
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="at most this many held-out tokens")
     g.add_argument("--sample-every", type=int, default=-1, help="greedy answers every N steps (and at the end)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's SFT checkpoint")
     g = p.add_argument_group("run")
     a("--run", default="dummy", help="Weights & Biases run name (needs `pip install wandb`); 'dummy' disables logging")

@@ -12,7 +12,7 @@ Checkpoints, report.md and loss.png go to <base_dir>/base_checkpoints/<model tag
 import argparse
 from pathlib import Path
 
-from nanojax.common import add_compute_flags, cli, get_base_dir
+from nanojax.common import add_compute_flags, cli, get_base_dir, positive_int
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["The capital of France is", "def main(", "import ", "If yesterday was Friday, then tomorrow will be"]
@@ -22,20 +22,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, default=20, help="number of transformer layers")
+    g.add_argument("--depth", type=positive_int, default=20, help="number of transformer layers")
     g.add_argument(
-        "--aspect-ratio", type=int, default=64, help="model_dim = depth x aspect_ratio, rounded up to head_dim"
+        "--aspect-ratio", type=positive_int, default=64, help="model_dim = depth x aspect_ratio, rounded up to head_dim"
     )
-    g.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    g.add_argument("--head-dim", type=positive_int, default=128, help="attention head dimension")
+    g.add_argument("--max-seq-len", type=positive_int, default=2048, help="context length in tokens")
     g.add_argument("--window-pattern", default="SSSL", help="sliding-window pattern tiled over layers (L=full, S=half)")
     g = p.add_argument_group("horizon (the first one set wins)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive from the next two)")
     g.add_argument("--target-flops", type=float, default=-1, help="train for this many FLOPs")
     g.add_argument("--target-param-data-ratio", type=float, default=20, help="tokens per scaling parameter")
     g = p.add_argument_group("batch")
-    g.add_argument("--device-batch-size", type=int, default=32, help="rows per device per micro-step")
-    g.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (grad accumulation)")
+    g.add_argument("--device-batch-size", type=positive_int, default=32, help="rows per device per micro-step")
+    g.add_argument(
+        "--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step (grad accumulation)"
+    )
     g = p.add_argument_group("optimizer")
     g.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW lr of wte and value embeddings")
     g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
     g.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the end)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's checkpoint")
     g.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     g = p.add_argument_group("run")
@@ -61,8 +63,9 @@ def parse_args(argv=None):
     a("--base-dir", default=None, help="where data, tokenizer and checkpoints live (default $NANOJAX_BASE_DIR "
       "or ~/.cache/nanojax)")  # fmt: skip
     add_compute_flags(p)
-    a("--data-readers", type=int, default=None, help="independent data streams (default: one per process); the "
-      "data order depends on this number alone, so fixing it keeps a run's batches across process counts")  # fmt: skip
+    a("--data-readers", type=positive_int, default=None, help="independent data streams (default: one per "
+      "process); the data order depends on this number alone, so fixing it keeps a run's batches across process "
+      "counts")  # fmt: skip
     a("--seed", type=int, default=0, help="parameter initialisation seed")
     return p.parse_args(argv)
 

@@ -157,7 +157,7 @@ def test_attention_implementations_give_the_same_loss_and_gradients():
         # Nonzero everywhere: zero-initialised projections would hide the attention inputs' gradients.
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(2), len(leaves))
-        params = treedef.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+        params = treedef.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
         return jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(idx[:, :-1], idx[:, 1:]))(params)
 
     (loss, grads), (want_loss, want_grads) = loss_and_grads("xla"), loss_and_grads("nanojax")

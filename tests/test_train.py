@@ -193,6 +193,13 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
         run(tiny_base / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
 
 
+@pytest.mark.parametrize("flag", ["--depth=0", "--loss-chunk=-4", "--device-batch-size=eight"])
+def test_sizes_must_be_positive_integers(flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([flag])
+    assert f"argument {flag.split('=')[0]}: must be a positive integer" in capsys.readouterr().err
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base):
     with pytest.raises(UserError, match="loss became"):
         run(tiny_base, "--num-iterations=8", "--save-every=1", "--model-tag=nan", "--unembedding-lr=1e38",
