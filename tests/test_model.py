@@ -12,13 +12,17 @@ from nanojax import model as model_module
 from nanojax.common import UserError
 from nanojax.model import (
     GPT,
+    RMS_EPS,
     Attention,
     GPTConfig,
+    apply_rotary,
     attention_mask,
     config_from_depth,
     dense,
     load_nanochat_params,
     nanochat_state_dict,
+    rms_norm,
+    rotary_tables,
     softmax_attention,
 )
 
@@ -151,19 +155,59 @@ def test_attention_implementations_give_the_same_loss_and_gradients():
     our loss and gradients (sliding and full windows, GQA, value embeddings)."""
     config = GPTConfig(sequence_len=24, vocab_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
     idx = jax.random.randint(jax.random.key(1), (2, 24), 0, 64)
+    params = nnx.state(randomized(config), nnx.Param)
 
     def loss_and_grads(attention):
-        graphdef, params = nnx.split(GPT(config, rngs=nnx.Rngs(0), attention=attention), nnx.Param)
-        # Nonzero everywhere: zero-initialised projections would hide the attention inputs' gradients.
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(2), len(leaves))
-        params = treedef.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
+        graphdef = nnx.graphdef(GPT(config, rngs=nnx.Rngs(0), attention=attention))
         return jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(idx[:, :-1], idx[:, 1:]))(params)
 
     (loss, grads), (want_loss, want_grads) = loss_and_grads("xla"), loss_and_grads("nanojax")
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(jnp.abs(w).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_norm_gradient_is_autodiffs(dtype):
+    """rms_norm's one-expression backward gives autodiff's gradient of the plain formula."""
+    x, g = (jax.random.normal(jax.random.key(i), (2, 37, 3, 64), dtype) for i in range(2))
+    x = x * jnp.arange(1, 4, dtype=dtype)[:, None]  # rows of different scales
+
+    def plain(x):
+        x32 = x.astype(jnp.float32)
+        return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)).astype(dtype)
+
+    got, vjp = jax.vjp(rms_norm, x)
+    want, vjp_want = jax.vjp(plain, x)
+    np.testing.assert_array_equal(got, want)
+    (dx,), (dx_want,) = vjp(g), vjp_want(g)
+    assert dx.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 2**-7  # relative: float32 rounding, or about one bfloat16 ulp
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_want, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rotary_gradient_is_autodiffs(dtype):
+    """apply_rotary's backward (the inverse rotation) is autodiff's: the same float32 arithmetic, and in
+    bfloat16 within a few roundings (autodiff rounds each partial product and their sum, the inverse rotation
+    only the sum)."""
+    cos, sin = (jnp.asarray(t[:37]) for t in rotary_tables(370, 16))
+    x, g = (jax.random.normal(jax.random.key(i), (2, 37, 3, 16), dtype) for i in range(2))
+
+    def plain(x):
+        x1, x2 = x[..., :8], x[..., 8:]
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        return jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1).astype(dtype)
+
+    got, vjp = jax.vjp(lambda x: apply_rotary(x, cos, sin), x)
+    want, vjp_want = jax.vjp(plain, x)
+    np.testing.assert_array_equal(got, want)
+    (dx,), (dx_want,) = vjp(g), vjp_want(g)
+    assert dx.dtype == dtype
+    if dtype == jnp.float32:
+        np.testing.assert_array_equal(dx, dx_want)
+    else:  # |dx| < 4 here, so a bfloat16 ulp is at most 2^-6: autodiff is within 1.5 of them, ours within 0.5
+        np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_want, np.float32), atol=2**-5)
 
 
 def test_gqa_query_heads_share_kv_heads():
