@@ -105,10 +105,18 @@ def rotary_tables(seq_len: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(freqs).astype(bf16).astype(np.float32), np.sin(freqs).astype(bf16).astype(np.float32)
 
 
-@jax.custom_vjp
 def rms_norm(x):
-    """x / rms(x) over the last axis (F.rms_norm without a weight), in float32, returned in x's dtype. A
-    custom VJP whose gradient, r (g - y mean(g y)), is autodiff's in one float32 expression: in bfloat16
+    """x / rms(x) over the last axis (F.rms_norm without a weight), in float32, returned in x's dtype.
+    Float32 is left to autodiff (the parity-tested default keeps its arithmetic bit for bit); other dtypes
+    take `_rms_norm_lowp`'s one-expression backward."""
+    if x.dtype == jnp.float32:
+        return _rms_norm_fwd(x)[0]
+    return _rms_norm_lowp(x)
+
+
+@jax.custom_vjp
+def _rms_norm_lowp(x):
+    """rms_norm with autodiff's gradient, r (g - y mean(g y)), as one float32 expression: in bfloat16
     autodiff rounds its two partial gradients before summing them, and XLA on CPU ran that slower."""
     return _rms_norm_fwd(x)[0]
 
@@ -125,7 +133,7 @@ def _rms_norm_bwd(res, g):
     return (((g32 - y * jnp.mean(g32 * y, axis=-1, keepdims=True)) * r).astype(x.dtype),)
 
 
-rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+_rms_norm_lowp.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 @jax.custom_vjp
