@@ -158,7 +158,7 @@ def main():
     print(header)
     print("-" * len(header))
     for dtype, attention, B in itertools.product(dtypes, attentions, batch_sizes):
-        attention = platform_attention(attention, dtype)
+        attention = platform_attention(attention, dtype, config.head_dim)
         accum = grad_accum_steps(args.total_batch_size, B, T, dp)
         state = init_state(
             config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk, attention=attention
@@ -186,7 +186,7 @@ def main():
     print(header)
     print("-" * len(header))
     for dtype in dtypes:
-        attention = platform_attention(attentions[0], dtype)
+        attention = platform_attention(attentions[0], dtype, config.head_dim)
         state = init_state(config, optim, mesh, dtype=jnp.dtype(dtype), loss_chunk=args.loss_chunk, attention=attention)
         fwd_bwd, opt = time_parts(state, jnp.asarray(tokens(1, T)), jnp.asarray(tokens(1, T)), args.steps, args.warmup)
         print(f"{dtype:>8} {attention:>9} {1000 * fwd_bwd:>10.1f} {1000 * opt:>12.1f} {opt / fwd_bwd:>19.2f}")

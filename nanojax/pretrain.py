@@ -60,7 +60,7 @@ def pretrain(args, base_dir, prompts):
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume_from_step=args.resume_from_step, seed=args.seed, loss_chunk=args.loss_chunk,
-        attention=platform_attention(args.attention, dtype),
+        attention=platform_attention(args.attention, dtype, config.head_dim),
         ynn_dots=args.ynn_dots, user_config=vars(args),
     )  # fmt: skip
     T = config.sequence_len

@@ -91,8 +91,8 @@ def sft(args, base_dir, prompts):
         total_batch_size=args.total_batch_size, checkpoint_dir=base_dir / "chatsft_checkpoints" / tag, dtype=dtype,
         fsdp=args.fsdp, eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume_from_step=args.resume_from_step,
-        seed=args.seed, loss_chunk=args.loss_chunk, attention=platform_attention(args.attention, dtype),
-        ynn_dots=args.ynn_dots, eval_metric="loss",
+        seed=args.seed, loss_chunk=args.loss_chunk, ynn_dots=args.ynn_dots, eval_metric="loss",
+        attention=platform_attention(args.attention, dtype, config.head_dim),
         user_config=vars(args) | {"base_checkpoint": str(base_ckpts.step_dir(base_step))},
     )  # fmt: skip
     model = abstract_model(config)

@@ -39,15 +39,19 @@ def platform_dtypes(dtype_flag: str = "auto") -> tuple[str, str]:
     return (default if dtype_flag == "auto" else dtype_flag), default
 
 
-def platform_attention(attention_flag: str, dtype: str) -> str:
+def platform_attention(attention_flag: str, dtype: str, head_dim: int) -> str:
     """The self-attention implementation (GPT's attention) for --attention on this platform. auto: cuDNN's
-    flash attention on GPUs computing in bfloat16 or float16, else nanojax's own (the parity-tested path,
-    and the faster one on CPU)."""
-    cudnn_ok = jax.devices()[0].platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    flash attention where it runs (a GPU computing in bfloat16 or float16, heads of at most 128 channels in
+    multiples of 8), else nanojax's own (the parity-tested path, and the faster one on CPU)."""
+    on_gpu = jax.devices()[0].platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    cudnn_ok = on_gpu and head_dim <= 128 and head_dim % 8 == 0
     if attention_flag == "auto":
         return "cudnn" if cudnn_ok else "nanojax"
     if attention_flag == "cudnn" and not cudnn_ok:
-        raise UserError("--attention cudnn needs an NVIDIA GPU and --dtype bfloat16: use --attention auto")
+        raise UserError(
+            "--attention cudnn needs an NVIDIA GPU, --dtype bfloat16 and a head dim of at most 128 in multiples "
+            f"of 8 (this has {jax.devices()[0].platform}, {dtype}, {head_dim}): use --attention auto"
+        )
     return attention_flag
 
 

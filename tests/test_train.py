@@ -20,7 +20,7 @@ from nanojax.optim import Schedule, setup_groups
 from nanojax.pretrain import pretrain
 from nanojax.sharding import make_mesh, tree_shardings
 from nanojax.tokenizer import Tokenizer, tokenizer_dir
-from nanojax.train import OptimSettings, TrainState, init_state, make_train_step
+from nanojax.train import OptimSettings, TrainState, init_state, make_train_step, platform_attention
 from scripts.pretrain import parse_args
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
@@ -191,6 +191,14 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
     Tokenizer.train(reversed_docs, 280).save(tokenizer_dir(tiny_base / "other"))
     with pytest.raises(UserError, match="280.token vocabulary|vocabulary"):
         run(tiny_base / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
+
+
+def test_attention_auto_is_ours_on_cpu():
+    """cuDNN's flash attention is picked on GPUs only; on CPU auto means ours, and xla is taken as asked."""
+    assert platform_attention("auto", "bfloat16", 128) == "nanojax"
+    assert platform_attention("xla", "float32", 64) == "xla"
+    with pytest.raises(UserError, match="this has cpu, bfloat16, 128"):
+        platform_attention("cudnn", "bfloat16", 128)
 
 
 @pytest.mark.parametrize("flag", ["--depth=0", "--loss-chunk=-4", "--device-batch-size=eight"])
