@@ -1,10 +1,13 @@
-"""Small shared pieces: the base directory and the one-line user error."""
+"""Small shared pieces: the base directory, the one-line user error, the flags several scripts share."""
 
 import argparse
 import os
 import sys
 from functools import wraps
 from pathlib import Path
+
+# Self-attention implementations (GPT's attention): ours, and jax.nn.dot_product_attention's two.
+ATTENTION_IMPLEMENTATIONS = ("nanojax", "xla", "cudnn")
 
 
 class UserError(Exception):
@@ -39,7 +42,7 @@ def add_compute_flags(parser) -> None:
     a("--fsdp", action="store_true", help="shard params and optimizer state over the data axis")
     a("--loss-chunk", type=positive_int, default=None, help="opt-in: fuse lm_head + softcap + cross-entropy over vocab "
       "chunks of this size (e.g. 2048); float32 matches the default to rounding, not bit for bit")  # fmt: skip
-    a("--attention", choices=["auto", "nanojax", "xla", "cudnn"], default="auto", help="self-attention: nanojax's "
+    a("--attention", choices=["auto", *ATTENTION_IMPLEMENTATIONS], default="auto", help="self-attention: nanojax's "
       "own, or jax.nn.dot_product_attention's xla or cudnn (flash attention); auto: cudnn on GPUs in bfloat16, "
       "else nanojax")  # fmt: skip
     a("--ynn-dots", action="store_true", help="opt-in: XLA CPU's YNNPACK matmuls in the train step: faster "

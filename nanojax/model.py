@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from nanojax.common import UserError
+from nanojax.common import ATTENTION_IMPLEMENTATIONS, UserError
 
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input
 SOFTCAP = 15.0
@@ -27,8 +27,6 @@ ROTARY_BASE = 10_000
 RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default, whatever the compute dtype
 ROTARY_OVERSIZE = 10  # nanochat precomputes rotary tables for 10x the sequence length
 ATTN_QUERY_BLOCK = 256  # self-attention runs in query blocks of this many rows, skipping masked keys
-# Self-attention implementations (GPT's attention): ours, and jax.nn.dot_product_attention's two.
-ATTENTION_IMPLEMENTATIONS = ("nanojax", "xla", "cudnn")
 CE_ROW_BLOCK = 512  # the fused cross-entropy's row tile: with 2,048-column chunks its logits stay in cache
 
 
