@@ -17,13 +17,15 @@ import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
 from nanojax.engine import CHECKPOINT_SOURCES, load_model
-from nanojax.model import GPTConfig, from_nanochat, to_nanochat
+from nanojax.model import GPTConfig, param_paths
 from nanojax.tokenizer import META_FILE as TOKENIZER_META_FILE
 from nanojax.tokenizer import Tokenizer, tokenizer_dir
 from nanojax.train import abstract_model
@@ -32,6 +34,56 @@ MODEL_FILE, META_FILE = "model_{:06d}.pt", "meta_{:06d}.json"
 # What a nanochat base dir shares with ours as is: the parquet shards (the last is validation in both)
 # and the CORE task bundle. Linked, not copied: they can be gigabytes.
 SHARED_FOLDERS = ("base_data", "eval_bundle")
+
+
+_BLOCK_KERNEL = re.compile(r"blocks\.(\d+)\.(attn|mlp)\.(\w+)\.kernel")
+
+
+def nanochat_name(path: str) -> tuple[str, bool]:
+    """Our dotted parameter path -> (nanochat state_dict name, whether the array is transposed)."""
+    if path == "wte":
+        return "transformer.wte.weight", False
+    if path == "lm_head.kernel":
+        return "lm_head.weight", True
+    if path in ("resid_lambdas", "x0_lambdas"):
+        return path, False
+    if m := re.fullmatch(r"blocks\.(\d+)\.value_embed", path):
+        return f"value_embeds.{m[1]}.weight", False
+    if m := _BLOCK_KERNEL.fullmatch(path):
+        return f"transformer.h.{m[1]}.{m[2]}.{m[3]}.weight", True
+    raise KeyError(f"no nanochat name for parameter {path}")
+
+
+def to_nanochat(params) -> dict[str, np.ndarray]:
+    """A params pytree (pure dict) -> nanochat state_dict names and (out, in) orientation, as numpy."""
+    out = {}
+    for path, leaf in zip(param_paths(params), jax.tree.leaves(params), strict=True):
+        name, transpose = nanochat_name(path)
+        arr = np.asarray(leaf)
+        out[name] = arr.T if transpose else arr
+    return out
+
+
+def from_nanochat(state_dict: dict, like):
+    """nanochat state_dict -> a params pytree shaped like `like` (torch's `_orig_mod.` prefix is fine)."""
+    sd = {k.removeprefix("_orig_mod."): np.asarray(v) for k, v in state_dict.items()}
+    leaves = []
+    for path, leaf in zip(param_paths(like), jax.tree.leaves(like), strict=True):
+        name, transpose = nanochat_name(path)
+        if name not in sd:
+            raise UserError(f"nanochat weights lack {name}: they are for a different model config")
+        arr = sd.pop(name)
+        arr = arr.T if transpose else arr
+        if arr.shape != leaf.shape:
+            want = leaf.shape[::-1] if transpose else leaf.shape
+            raise UserError(
+                f"{name} has shape {arr.T.shape if transpose else arr.shape}, the model expects "
+                f"{want}: the weights are for a different model config"
+            )
+        leaves.append(jnp.asarray(arr, leaf.dtype))
+    if sd:
+        raise UserError(f"nanochat weights have parameters this model lacks: {sorted(sd)[:5]}")
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def _torch():

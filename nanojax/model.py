@@ -4,12 +4,11 @@
     logits_BTV = model(idx_BT)                       # float32, softcapped, padding removed
     loss = model.loss(idx_BT, targets_BT)            # targets -1 are ignored
 
-Linear kernels are stored (in, out), the JAX way; nanochat stores (out, in). `load_nanochat_params`
-and `nanochat_state_dict` translate between the two naming schemes.
+Linear kernels are stored (in, out), the JAX way; nanochat stores (out, in). `convert.to_nanochat`
+and `convert.from_nanochat` translate between the two naming schemes.
 """
 
 import math
-import re
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -549,26 +548,6 @@ def _ce_tile(x_in_RC, W_in_CV, targets_R, weights_R, vocab_size, chunk, dtype, w
     return loss_R, dx_RC, dW_CV
 
 
-# --- nanochat state_dict names <-> nanojax parameter paths ---------------------------------------
-
-_BLOCK_KERNEL = re.compile(r"blocks\.(\d+)\.(attn|mlp)\.(\w+)\.kernel")
-
-
-def nanochat_name(path: str) -> tuple[str, bool]:
-    """Our dotted parameter path -> (nanochat state_dict name, whether the array is transposed)."""
-    if path == "wte":
-        return "transformer.wte.weight", False
-    if path == "lm_head.kernel":
-        return "lm_head.weight", True
-    if path in ("resid_lambdas", "x0_lambdas"):
-        return path, False
-    if m := re.fullmatch(r"blocks\.(\d+)\.value_embed", path):
-        return f"value_embeds.{m[1]}.weight", False
-    if m := _BLOCK_KERNEL.fullmatch(path):
-        return f"transformer.h.{m[1]}.{m[2]}.{m[3]}.weight", True
-    raise KeyError(f"no nanochat name for parameter {path}")
-
-
 def param_paths(params) -> dict[str, tuple]:
     """Dotted path -> key tuple for every leaf of a params pytree (pure dict or nnx.State)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -578,46 +557,3 @@ def param_paths(params) -> dict[str, tuple]:
         keys = tuple(k for k in keys if k != "value")  # nnx.Variable's own leaf
         out[".".join(str(k) for k in keys)] = keypath
     return out
-
-
-def to_nanochat(params) -> dict[str, np.ndarray]:
-    """A params pytree (pure dict) -> nanochat state_dict names and (out, in) orientation, as numpy."""
-    out = {}
-    for path, leaf in zip(param_paths(params), jax.tree.leaves(params), strict=True):
-        name, transpose = nanochat_name(path)
-        arr = np.asarray(leaf)
-        out[name] = arr.T if transpose else arr
-    return out
-
-
-def from_nanochat(state_dict: dict, like):
-    """nanochat state_dict -> a params pytree shaped like `like` (torch's `_orig_mod.` prefix is fine)."""
-    sd = {k.removeprefix("_orig_mod."): np.asarray(v) for k, v in state_dict.items()}
-    leaves = []
-    for path, leaf in zip(param_paths(like), jax.tree.leaves(like), strict=True):
-        name, transpose = nanochat_name(path)
-        if name not in sd:
-            raise UserError(f"nanochat weights lack {name}: they are for a different model config")
-        arr = sd.pop(name)
-        arr = arr.T if transpose else arr
-        if arr.shape != leaf.shape:
-            want = leaf.shape[::-1] if transpose else leaf.shape
-            raise UserError(
-                f"{name} has shape {arr.T.shape if transpose else arr.shape}, the model expects "
-                f"{want}: the weights are for a different model config"
-            )
-        leaves.append(jnp.asarray(arr, leaf.dtype))
-    if sd:
-        raise UserError(f"nanochat weights have parameters this model lacks: {sorted(sd)[:5]}")
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-
-def nanochat_state_dict(model: GPT) -> dict[str, np.ndarray]:
-    return to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
-def load_nanochat_params(model: GPT, state_dict: dict) -> None:
-    """Fill `model` in place from a nanochat state_dict (names -> arrays)."""
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, from_nanochat(state_dict, nnx.to_pure_dict(state)))
-    nnx.update(model, state)

@@ -17,17 +17,10 @@ import optax
 from flax import nnx
 
 from nanojax.common import UserError
+from nanojax.convert import from_nanochat, nanochat_name, to_nanochat
 from nanojax.engine import cached_greedy, greedy
 from nanojax.evaluate import bits_per_byte, bpb_sums
-from nanojax.model import (
-    GPT,
-    GPTConfig,
-    from_nanochat,
-    nanochat_name,
-    param_paths,
-    rotary_tables,
-    to_nanochat,
-)
+from nanojax.model import GPT, GPTConfig, param_paths, rotary_tables
 from nanojax.optim import Group, Schedule, build_optimizer, param_labels, scaled_groups, setup_groups
 from nanojax.sharding import make_mesh
 from nanojax.train import OptimSettings, init_state, make_train_step

@@ -10,6 +10,7 @@ from flax import nnx
 
 from nanojax import model as model_module
 from nanojax.common import UserError
+from nanojax.convert import from_nanochat, to_nanochat
 from nanojax.model import (
     GPT,
     RMS_EPS,
@@ -19,8 +20,6 @@ from nanojax.model import (
     attention_mask,
     config_from_depth,
     dense,
-    load_nanochat_params,
-    nanochat_state_dict,
     rms_norm,
     rotary_tables,
     softmax_attention,
@@ -273,16 +272,17 @@ def test_loss_ignores_minus_one_and_reductions_agree():
 def test_nanochat_state_dict_round_trip():
     config = GPTConfig(sequence_len=16, vocab_size=70, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     a, b = randomized(config, 0), GPT(config, rngs=nnx.Rngs(5))
-    sd = nanochat_state_dict(a)
+    sd = to_nanochat(nnx.to_pure_dict(nnx.state(a, nnx.Param)))
     assert sd["transformer.h.0.attn.c_k.weight"].shape == (32, 64)  # (out, in)
     assert sd["value_embeds.1.weight"].shape == (128, 32)
-    load_nanochat_params(b, sd)
+    like = nnx.to_pure_dict(nnx.state(b, nnx.Param))
+    nnx.update(b, from_nanochat(sd, like))
     idx = jnp.arange(10)[None]
     np.testing.assert_array_equal(a(idx), b(idx))
     bad = dict(sd)
     bad["lm_head.weight"] = bad["lm_head.weight"][:64]
     with pytest.raises(UserError, match="different model config"):
-        load_nanochat_params(b, bad)
+        from_nanochat(bad, like)
 
 
 def test_sequence_longer_than_rotary_table_is_a_clear_error():
