@@ -45,9 +45,6 @@ def main(argv=None):
     model, tokenizer, meta, checkpoint_dir = engine.load_for_inference(
         base_dir, args.source, args.model_tag, args.step, jnp.dtype(dtype)
     )
-    if tokenizer.get_vocab_size() != model.config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model.config.vocab_size}: "
-                        "use the base dir the model was trained in (--base-dir)")  # fmt: skip
     notes = []
 
     bpb = None

@@ -54,6 +54,14 @@ def test_imported_logits_match_nanochat(imported, ref):
     assert max_logit_diff(imported, ref) <= 1e-6
 
 
+def test_sampling_with_a_tokenizer_of_another_size_is_refused(imported, tmp_path):
+    base = imported.parent.parent  # converted checkpoints carry no tokenizer fingerprint: the size must tell
+    Tokenizer({bytes([i]): i for i in range(256)}).save(base / "tokenizer")  # 265 tokens, the model has 512
+    with pytest.raises(UserError, match="the tokenizer has 265 tokens, the model 512"):
+        sample.main.__wrapped__([f"--base-dir={base}", "--max-tokens=2"])
+    shutil.rmtree(base / "tokenizer")
+
+
 def test_export_round_trips_bit_for_bit(reference_dir, imported, tmp_path):
     src = reference_dir / "nanochat_checkpoint_a"
     convert_nanochat.main([str(imported), "--to-nanochat", "--out", str(tmp_path), "--step=0"])
