@@ -308,9 +308,9 @@ def train(
         config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed, load_params=load,
         loss_chunk=run.loss_chunk, attention=run.attention,
     )  # fmt: skip
-    if run.resume_from_step < 0:
-        set_aside_previous_run(Path(run.checkpoint_dir), log)
-    ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints)
+    # A fresh run sets an earlier run in its folder aside at its first save, not before: a run that fails
+    # to start (a bad flag, out of memory, Ctrl-C while compiling) leaves the model tag as it was.
+    ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints) if run.resume_from_step >= 0 else None
     metric = f"val_{run.eval_metric}"  # val_bpb or val_loss: the History field and the saved keys
     step, loop, loader_state = (
         0,
@@ -352,6 +352,10 @@ def train(
         return value
 
     def save(params, opt_state, val):
+        nonlocal ckpts
+        if ckpts is None:
+            set_aside_previous_run(Path(run.checkpoint_dir), log)
+            ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints)
         loop_state = dict(loop, history=asdict(history))
         meta = {
             "step": step, metric: val, "model_config": asdict(config), "user_config": run.user_config,
@@ -374,7 +378,8 @@ def train(
         loss = float(np.mean(np.asarray(losses)))  # the one sync per step
         dt = timer.tick()
         if not math.isfinite(loss):
-            ckpts.close()
+            if ckpts:
+                ckpts.close()
             raise UserError(
                 f"loss became {loss} at step {step}; the last good checkpoint is kept in {run.checkpoint_dir}: "
                 "lower the learning rates (--matrix-lr, --embedding-lr) or resume from it"
@@ -397,14 +402,19 @@ def train(
         last = step == run.num_iterations
         if last or (run.eval_every > 0 and step % run.eval_every == 0):
             val = evaluate_now(params)
-        if last or (run.sample_every > 0 and step % run.sample_every == 0):
-            history.samples = sample(graphdef, params)
-            for s in history.samples:
-                log(f"sample: {s!r}")
         if last or (run.save_every > 0 and step % run.save_every == 0):
             save(params, opt_state, val)
+        if last or (run.sample_every > 0 and step % run.sample_every == 0):
+            try:  # samples only show progress: one that can't be made must not end the run
+                history.samples = sample(graphdef, params)
+            except UserError as e:
+                log(f"step {step:05d} | samples skipped: {e}")
+            else:
+                for s in history.samples:
+                    log(f"sample: {s!r}")
         timer.tick()  # evaluation, sampling and saving don't count as step time
-    ckpts.close()
+    if ckpts:
+        ckpts.close()
 
     tokens = run.total_batch_size * run.num_iterations
     steady_tok_s = run.total_batch_size * max(run.num_iterations - 1, 1) / max(loop["total_training_time"], 1e-9)

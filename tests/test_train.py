@@ -193,6 +193,19 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
         run(tiny_base / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
 
 
+def test_failed_start_keeps_the_earlier_run_and_samples_never_cost_a_checkpoint(tiny_base, capsys):
+    folder = tiny_base / "base_checkpoints" / "kept"
+    run(tiny_base, "--num-iterations=1", "--model-tag=kept")
+    with pytest.raises(UserError, match="data readers"):  # 8 rows over 3 readers: fails before any step
+        run(tiny_base, "--num-iterations=1", "--model-tag=kept", "--data-readers=3")
+    assert Checkpoints(folder).steps() == [1] and not list(folder.parent.glob("kept-previous-*"))
+    # A prompt longer than the rotary table: the final samples fail, the final checkpoint is written anyway.
+    args = parse_args([*TINY_RUN, f"--base-dir={tiny_base}", "--num-iterations=2", "--model-tag=kept"])
+    pretrain(args, tiny_base, ["alpha " * 400])
+    assert "samples skipped: sequence of" in capsys.readouterr().out
+    assert Checkpoints(folder).steps() == [2] and len(list(folder.parent.glob("kept-previous-*"))) == 1
+
+
 def test_attention_auto_is_ours_on_cpu():
     """cuDNN's flash attention is picked on GPUs only; on CPU auto means ours, and xla is taken as asked."""
     assert platform_attention("auto", "bfloat16", 128) == "nanojax"
