@@ -241,18 +241,23 @@ def evaluate_core(model: GPT, tokenizer, tasks: list[Task], max_per_task: int = 
 # --- bits per byte and samples --------------------------------------------------------------------
 
 
-def val_bpb(model: GPT, tokenizer, shards, eval_tokens: int, device_batch_size: int = 32) -> tuple[float, int]:
+def val_bpb(
+    model: GPT, tokenizer, shards, eval_tokens: int, device_batch_size: int = 32, crop_long_docs: bool = False
+) -> tuple[float, int]:
     """Bits per byte over the first batches of the validation split, as training evaluates it (the same
-    batches for the same eval_tokens and device_batch_size); returns it and the tokens evaluated."""
+    batches for the same eval_tokens, device_batch_size and crop_long_docs); returns it and the tokens
+    evaluated, fewer than eval_tokens when one pass over the split holds fewer."""
     mesh = make_mesh()
     graphdef, params = nnx.split(model)
     params = jax.device_put(params, replicated(mesh))
     T = model.config.sequence_len
     num_batches = max(1, eval_tokens // (device_batch_size * T * mesh.size))
     batches = make_val_loader(shards, tokenizer, device_batch_size * jax.local_device_count(), T,
-                              process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
-    bpb = make_evaluator(graphdef, mesh, tokenizer.token_bytes)(params, itertools.islice(batches, num_batches))
-    return bpb, num_batches * device_batch_size * T * mesh.size
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              crop_long_docs=crop_long_docs)  # fmt: skip
+    batches = list(itertools.islice(batches, num_batches))
+    bpb = make_evaluator(graphdef, mesh, tokenizer.token_bytes)(params, batches)
+    return bpb, len(batches) * device_batch_size * T * mesh.size
 
 
 def greedy_samples(model: GPT, tokenizer, prompts, max_tokens: int = 16, chat: bool = False) -> list[str]:

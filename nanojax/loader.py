@@ -17,9 +17,16 @@ Best fit, as nanochat's `tokenizing_distributed_data_loader_with_state_bos_bestf
 the largest buffered document that fits the space left, and when none fits, crop the shortest to fill
 the row exactly and drop the rest of it. Ties go to the document that arrived first, as in nanochat.
 
-The buffer is kept sorted by (length, chunk, document), which is nanochat's order among equal lengths,
-so one bisection finds the best fit. The state names the buffered documents by (chunk, document) and a
-restore re-reads and re-tokenizes just those, so the batches after a restore equal the uninterrupted ones.
+One departure, on by default: a document longer than a row is first cut into row-sized documents (the
+first row_len tokens, then pieces of row_len - 1 tokens after their own <|bos|>). nanochat keeps only
+the first row of such a document; FineWeb's documents mostly fit a 2,048-token row, but a folder of
+files made into one document each would lose most of its text (94% of the standard library at seq 512).
+`crop_long_docs=True` packs exactly as nanochat does.
+
+The buffer is kept sorted by (length, chunk, document, piece), which is nanochat's order among equal
+lengths, so one bisection finds the best fit. The state names the buffered pieces by (chunk, document,
+piece) and a restore re-reads and re-tokenizes just those documents, so the batches after a restore
+equal the uninterrupted ones.
 
 Throughput on this machine: python -m benchmarks.data_throughput
 """
@@ -45,11 +52,14 @@ Chunk = tuple[int, int, int, int]
 class _Documents:
     """This process's share of the shards as chunks, and how to turn a chunk into tokens."""
 
-    def __init__(self, paths, tokenizer, row_len, docs_per_chunk, num_threads, process_index, process_count):
+    def __init__(
+        self, paths, tokenizer, row_len, docs_per_chunk, num_threads, process_index, process_count, crop_long_docs
+    ):
         self.paths = [str(p) for p in paths]
         self.row_len = row_len
         self.num_threads = num_threads
-        self.layout = {"shards": len(self.paths), "docs_per_chunk": docs_per_chunk}
+        self.crop_long_docs = crop_long_docs
+        self.layout = {"shards": len(self.paths), "docs_per_chunk": docs_per_chunk, "crop_long_docs": crop_long_docs}
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         chunks = []
@@ -80,11 +90,18 @@ class _Documents:
         except (OSError, pa.ArrowException) as e:
             raise UserError(f"cannot read row group {rg} of parquet shard {path}: {e}") from e
 
-    def tokenize(self, texts: list[str], num_threads: int = 1) -> list[tuple[int, np.ndarray]]:
-        """(length, first row_len tokens) of each document: no row can take more of it."""
+    def tokenize(self, texts: list[str], num_threads: int = 1) -> list[list[tuple[int, np.ndarray]]]:
+        """Each document's pieces as (length, tokens), none longer than a row (see the module docstring)."""
         # One tokenizer thread per chunk by default: grain already tokenizes num_threads chunks at once.
         ids = self.tokenizer.encode(texts, prepend=self.bos, num_threads=num_threads)
-        return [(len(doc), np.asarray(doc[: self.row_len], dtype=np.int32)) for doc in ids]
+        if self.crop_long_docs:  # the full length still orders the buffer, as in nanochat
+            return [[(len(doc), np.asarray(doc[: self.row_len], dtype=np.int32))] for doc in ids]
+        n = self.row_len - 1
+        pieces = [
+            [doc[: self.row_len]] + [[self.bos, *doc[i : i + n]] for i in range(self.row_len, len(doc), n)]
+            for doc in ids
+        ]
+        return [[(len(p), np.asarray(p, dtype=np.int32)) for p in doc] for doc in pieces]
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -121,9 +138,10 @@ class Loader(grain.DatasetIterator):
         self._row_len = docs.row_len
         # More than an epoch's documents would only hold several copies of some: tiny corpora.
         self._buffer_size = min(buffer_size, sum(end - start for _, _, start, end in docs.chunks))
-        # (length, chunk, doc, first row_len tokens), sorted
-        self._buffer: list[tuple[int, int, int, np.ndarray]] = []
+        # (length, chunk, doc, piece, tokens), sorted
+        self._buffer: list[tuple[int, int, int, int, np.ndarray]] = []
         self._next_chunk = 0
+        self._exhausted = False  # a loader that does not repeat has read its last chunk
 
     @property
     def epoch(self) -> int:
@@ -135,30 +153,37 @@ class Loader(grain.DatasetIterator):
         for row in rows:
             pos = 0
             while pos < self._row_len:
-                while len(self._buffer) < self._buffer_size:
+                while len(self._buffer) < self._buffer_size and not self._exhausted:
                     self._refill()
+                if not self._buffer:  # the end of a single pass: the unfinished batch is dropped
+                    raise StopIteration
                 space = self._row_len - pos
                 j = bisect.bisect_right(self._buffer, (space, math.inf)) - 1
                 if j >= 0:  # the largest length that fits; the first-arrived document of that length
                     j = bisect.bisect_left(self._buffer, (self._buffer[j][0],))
-                    tokens = self._buffer.pop(j)[3]
+                    tokens = self._buffer.pop(j)[-1]
                 else:  # nothing fits: crop the shortest to fill the row, dropping its remainder
-                    tokens = self._buffer.pop(0)[3][:space]
+                    tokens = self._buffer.pop(0)[-1][:space]
                 row[pos : pos + len(tokens)] = tokens
                 pos += len(tokens)
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
 
     def _refill(self):
-        chunk, docs = next(self._parent)
+        try:
+            chunk, docs = next(self._parent)
+        except StopIteration:
+            self._exhausted = True
+            return
         self._next_chunk = chunk + 1
-        for d, (length, tokens) in enumerate(docs):
-            bisect.insort(self._buffer, (length, chunk, d, tokens))
+        for d, pieces in enumerate(docs):
+            for p, (length, tokens) in enumerate(pieces):
+                bisect.insort(self._buffer, (length, chunk, d, p, tokens))
 
     def get_state(self) -> dict:
         return {
             "epoch": self.epoch,
             "next_chunk": self._next_chunk,
-            "buffer": sorted([chunk, doc] for _, chunk, doc, _ in self._buffer),
+            "buffer": sorted([chunk, doc, piece] for _, chunk, doc, piece, _ in self._buffer),
             # What the chunk numbers refer to: a state only fits a loader with the same layout.
             **self._docs.layout,
         }
@@ -169,27 +194,31 @@ class Loader(grain.DatasetIterator):
         if saved != layout:
             raise UserError(
                 f"the loader state does not fit these shards (saved for {saved}, they give {layout}): "
-                "resume with the same shards and process count"
+                "resume with the same shards, process count and --crop-long-docs"
             )
         try:
             self._next_chunk = state["next_chunk"]
             grain.experimental.set_next_index(self._parent, self._next_chunk)
-            refs = [(chunk, doc) for chunk, doc in state["buffer"]]
+            refs = [(chunk, doc, piece) for chunk, doc, piece in state["buffer"]]
+            docs = sorted({(chunk, doc) for chunk, doc, _ in refs})
             texts = []
-            for chunk, group in itertools.groupby(refs, key=lambda ref: ref[0]):
+            for chunk, group in itertools.groupby(docs, key=lambda ref: ref[0]):
                 doc_ids = [doc for _, doc in group]
                 if not 0 <= chunk < self._next_chunk or min(doc_ids) < 0:
                     raise IndexError(chunk)
                 chunk_texts = self._docs.texts(self._docs.chunks[chunk % len(self._docs.chunks)])
                 texts += [chunk_texts[d] for d in doc_ids]
+            # All threads on one call: nothing else is tokenizing yet.
+            pieces = dict(zip(docs, self._docs.tokenize(texts, num_threads=self._docs.num_threads), strict=True))
+            buffer = []
+            for chunk, doc, p in refs:
+                if p < 0:
+                    raise IndexError(p)
+                length, tokens = pieces[chunk, doc][p]
+                buffer.append((length, chunk, doc, p, tokens))
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise UserError(f"the loader state names documents these shards do not have ({e!r})") from e
-        # All threads on one call: nothing else is tokenizing yet.
-        tokens = self._docs.tokenize(texts, num_threads=self._docs.num_threads)
-        self._buffer = sorted(
-            ((length, chunk, doc, t) for (chunk, doc), (length, t) in zip(refs, tokens, strict=True)),
-            key=lambda entry: entry[:3],
-        )
+        self._buffer = sorted(buffer, key=lambda entry: entry[:4])
 
 
 def make_loader(
@@ -205,6 +234,8 @@ def make_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     base_dir: str | os.PathLike | None = None,
+    crop_long_docs: bool = False,
+    repeat: bool = True,
 ) -> Loader:
     """Best-fit (inputs, targets) batches from parquet shards with a `text` column, epochs rolling over.
 
@@ -216,6 +247,8 @@ def make_loader(
     process_index/process_count: this process's share (default: JAX's); every process reads
         different documents and yields its own host-local batches.
     base_dir: where the shards were looked for, named in the error when there are none.
+    crop_long_docs: keep only the first row of a document longer than a row, as nanochat does.
+    repeat: roll over into the next epoch forever; False stops after one pass over the documents.
     """
     if not shard_paths:
         where = Path(base_dir or "<base_dir>") / "base_data"
@@ -226,10 +259,12 @@ def make_loader(
         process_index, process_count = jax.process_index(), jax.process_count()
     num_threads = num_threads or min(os.cpu_count() or 1, 8)
 
-    docs = _Documents(shard_paths, tokenizer, seq_len + 1, docs_per_chunk, num_threads, process_index, process_count)
+    docs = _Documents(
+        shard_paths, tokenizer, seq_len + 1, docs_per_chunk, num_threads, process_index, process_count, crop_long_docs
+    )
+    chunks = grain.MapDataset.source(docs.chunks)
     chunks = (
-        grain.MapDataset.source(docs.chunks)
-        .repeat()
+        (chunks.repeat() if repeat else chunks)
         .map_with_index(lambda i, chunk: (i, docs.tokenize(docs.texts(chunk))))
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
     )
@@ -243,12 +278,21 @@ def make_val_loader(
     shard_paths, tokenizer, batch_size: int, seq_len: int, *, process_index: int = 0, process_count: int = 1, **kwargs
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Validation batches, the same on every call and for any process count: every process reads one
-    global stream (the validation split is small) and keeps its own batch_size rows of each batch."""
-    loader = make_loader(
-        shard_paths, tokenizer, batch_size * process_count, seq_len, process_index=0, process_count=1, **kwargs
-    )
+    global stream (the validation split is small) and keeps its own batch_size rows of each batch.
+    One pass, so that a split smaller than the tokens asked for is evaluated once, not replayed; but at
+    least one batch: a split too small to fill it is repeated."""
+
+    def batches(repeat: bool):
+        return make_loader(
+            shard_paths, tokenizer, batch_size * process_count, seq_len, process_index=0, process_count=1,
+            repeat=repeat, **kwargs,
+        )  # fmt: skip
+
+    loader = batches(repeat=False)
+    first = next(loader, None)
+    stream = itertools.chain([first], loader) if first is not None else itertools.islice(batches(repeat=True), 1)
     rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
-    for inputs, targets in loader:
+    for inputs, targets in stream:
         yield inputs[rows], targets[rows]
 
 
@@ -259,7 +303,9 @@ class Readers:
     alone: a single process running 2 readers sees the batches of a 2-process run, and a checkpoint
     resumes on any process count that divides R. The state maps reader index -> loader state."""
 
-    def __init__(self, shard_paths, tokenizer, rows: int, seq_len: int, readers: range, reader_count: int, state=None):
+    def __init__(
+        self, shard_paths, tokenizer, rows, seq_len, readers: range, reader_count: int, state=None, crop_long_docs=False
+    ):
         if rows % len(readers):
             raise UserError(
                 f"{rows} rows per batch can't be split over {len(readers)} data readers: change --data-readers"
@@ -279,6 +325,7 @@ class Readers:
                 state=saved.get(str(r)),
                 process_index=r,
                 process_count=reader_count,
+                crop_long_docs=crop_long_docs,
             )  # fmt: skip
             for r in readers
         }

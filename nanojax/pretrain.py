@@ -74,10 +74,16 @@ def pretrain(args, base_dir, prompts):
     summary = train(
         run,
         tokenizer,
-        make_train_loader=lambda state, rows: make_readers(train_shards, tokenizer, rows, T, args.data_readers, state),
+        make_train_loader=lambda state, rows: make_readers(train_shards, tokenizer, rows, T, args, state),
         val_batches=lambda rows: make_val_loader(
-            val_shards, tokenizer, rows, T, process_index=jax.process_index(), process_count=jax.process_count()
-        ),
+            val_shards,
+            tokenizer,
+            rows,
+            T,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            crop_long_docs=args.crop_long_docs,
+        ),  # fmt: skip
         sample=sample,
         on_metrics=wandb_logger(args.run, vars(args)),
     )
@@ -91,14 +97,15 @@ def replicate(host_array, like):
     return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), jnp.asarray(host_array))
 
 
-def make_readers(shards, tokenizer, rows: int, seq_len: int, data_readers: int | None, state) -> Readers:
+def make_readers(shards, tokenizer, rows: int, seq_len: int, args, state) -> Readers:
     """This process's share of the data readers (default: one per process)."""
     count, index = jax.process_count(), jax.process_index()
-    readers = data_readers or count
+    readers = args.data_readers or count
     if readers % count:
         raise UserError(f"--data-readers {readers} must be a multiple of the process count {count}")
     per = readers // count
-    return Readers(shards, tokenizer, rows, seq_len, range(index * per, (index + 1) * per), readers, state)
+    mine = range(index * per, (index + 1) * per)
+    return Readers(shards, tokenizer, rows, seq_len, mine, readers, state, args.crop_long_docs)
 
 
 def wandb_logger(run_name: str, config: dict):

@@ -54,7 +54,8 @@ def main(argv=None):
         except UserError as e:
             notes.append(f"val bpb skipped: {e}")
         else:
-            bpb = core_eval.val_bpb(model, tokenizer, shards, args.eval_tokens, args.device_batch_size)
+            crop = (meta.get("user_config") or {}).get("crop_long_docs", False)  # packed as in training
+            bpb = core_eval.val_bpb(model, tokenizer, shards, args.eval_tokens, args.device_batch_size, crop)
             print(f"val bpb {bpb[0]:.4f} over {bpb[1]:,} tokens")
 
     samples = core_eval.greedy_samples(model, tokenizer, core_eval.SAMPLE_PROMPTS, chat=args.source == "sft")

@@ -63,6 +63,8 @@ def parse_args(argv=None):
     a("--base-dir", default=None, help="where data, tokenizer and checkpoints live (default $NANOJAX_BASE_DIR "
       "or ~/.cache/nanojax)")  # fmt: skip
     add_compute_flags(p)
+    a("--crop-long-docs", action="store_true", help="keep only the first row of a document longer than a row, "
+      "as nanochat does (default: cut it into rows, so no text is lost)")  # fmt: skip
     a("--data-readers", type=positive_int, default=None, help="independent data streams (default: one per "
       "process); the data order depends on this number alone, so fixing it keeps a run's batches across process "
       "counts")  # fmt: skip

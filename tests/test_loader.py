@@ -1,4 +1,5 @@
-"""Loader tests: best-fit packing equals nanochat's algorithm, exact resume, process split, errors.
+"""Loader tests: best-fit packing equals nanochat's algorithm, long documents cut into rows, exact resume,
+one-pass validation, process split, errors.
 
 python -m pytest -q tests/test_loader.py
 """
@@ -93,6 +94,14 @@ def nanochat_batches(shards, num_batches):
     return out
 
 
+def pieces(doc, crop_long_docs):
+    """A tokenized document as the loader packs it: whole when it fits a row (T + 1), else cut into rows
+    (pieces after the first get their own <|bos|>), or only its first row as nanochat keeps it."""
+    if crop_long_docs or len(doc) <= T + 1:
+        return [doc[: T + 1]]
+    return [doc[: T + 1]] + [(0, *doc[i : i + T]) for i in range(T + 1, len(doc), T)]
+
+
 def take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -106,16 +115,18 @@ def assert_same(got, want):
 
 def test_matches_nanochat_best_fit_across_epochs(corpus):
     paths, shards = corpus
-    it = loader(paths)
+    it = loader(paths, crop_long_docs=True)
     got = take(it, 40)
     assert it.epoch >= 2, "the test should cross an epoch boundary"
     assert_same(got, nanochat_batches(shards, 40))
 
 
-def test_batch_shapes_and_row_invariants(corpus):
+@pytest.mark.parametrize("crop_long_docs", [False, True])
+def test_batch_shapes_and_row_invariants(corpus, crop_long_docs):
     paths, shards = corpus
-    docs = {tuple(ByteTokenizer().encode([t], prepend=0)[0]) for shard in shards for t in shard}
-    seen, it = [], loader(paths)
+    encoded = [tuple(ByteTokenizer().encode([t], prepend=0)[0]) for shard in shards for t in shard]
+    docs = {p for doc in encoded for p in pieces(doc, crop_long_docs)}
+    seen, it = [], loader(paths, crop_long_docs=crop_long_docs)
     for x, y in take(it, 10):
         assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == np.int32
         np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
@@ -124,7 +135,7 @@ def test_batch_shapes_and_row_invariants(corpus):
         for row in rows.tolist():
             starts = [i for i, t in enumerate(row) if t == 0] + [len(row)]
             segments = [tuple(row[a:b]) for a, b in itertools.pairwise(starts)]
-            # Whole documents, in order, then at most one cropped document filling the row: no padding.
+            # Whole documents (or pieces), in order, then at most one cropped one filling the row: no padding.
             assert all(s in docs for s in segments[:-1])
             assert any(d[: len(segments[-1])] == segments[-1] for d in docs)
             seen += segments
@@ -155,10 +166,30 @@ def test_resume_across_an_epoch_boundary(corpus):
     assert_same(take(loader(paths, state=state), 8), take(it, 8))
 
 
-def test_val_loader_repeats_itself(corpus):
-    paths, _ = corpus
-    val = [make_val_loader(paths, ByteTokenizer(), B, T, process_index=0, process_count=1) for _ in range(2)]
-    assert_same(take(val[0], 5), take(val[1], 5))
+def test_long_documents_are_cut_into_rows_not_cropped(tmp_path):
+    long_doc = " ".join(f"{i:03d}" for i in range(200))  # 800 bytes: 25 rows of T + 1
+    paths, _ = write_shards(tmp_path, [long_doc] + make_texts(30), 1)
+    text = b"".join(bytes(t - 1 for t in row if t) for x, y in take(loader(paths), 12) for row in x)
+    assert all(f"{i:03d}".encode() in text for i in range(200))
+    cropped = b"".join(
+        bytes(t - 1 for t in row if t) for x, _ in take(loader(paths, crop_long_docs=True), 12) for row in x
+    )
+    assert b"100" not in cropped  # nanochat's packing keeps only the first row of it
+
+
+def test_val_loader_is_one_pass_and_the_same_each_time(corpus):
+    paths, shards = corpus
+    val = [list(make_val_loader(paths, ByteTokenizer(), B, T, process_index=0, process_count=1)) for _ in range(2)]
+    assert_same(val[0], val[1])
+    one_pass = sum(len(p) for shard in shards for t in shard for p in pieces(ByteTokenizer().encode([t], 0)[0], False))
+    # Every token of one pass, less the unfinished last batch and what best fit crops: never a replay.
+    assert one_pass - 2 * B * (T + 1) < len(val[0]) * B * (T + 1) <= one_pass
+
+
+def test_val_split_smaller_than_a_batch_gives_one_batch(tmp_path):
+    paths, _ = write_shards(tmp_path, ["tiny"], 1)
+    (x, y), *rest = make_val_loader(paths, ByteTokenizer(), B, T, process_index=0, process_count=1)
+    assert x.shape == (B, T) and not rest
 
 
 def test_processes_read_disjoint_documents(corpus):
@@ -230,4 +261,6 @@ def test_state_that_does_not_fit_the_data(corpus):
     with pytest.raises(UserError, match="does not fit"):
         loader(paths, process_index=0, process_count=2, state=state)
     with pytest.raises(UserError, match="do not have"):
-        loader(paths, state=state | {"buffer": [[0, 99]]})
+        loader(paths, state=state | {"buffer": [[0, 99, 0]]})
+    with pytest.raises(UserError, match="does not fit"):
+        loader(paths, crop_long_docs=True, state=state)
