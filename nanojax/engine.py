@@ -410,8 +410,20 @@ def find_checkpoint_dir(base_dir, source: str = "base", model_tag: str | None = 
             raise UserError(f"no checkpoints in {root}: train a model first, or pass --base-dir / --source")
         return tags[-1]
     if not (root / model_tag).is_dir():
-        raise UserError(f"no model tag {model_tag!r} in {root}; available: {[p.name for p in tags] or 'none'}")
+        raise UserError(f"no model tag {model_tag!r} in {root}; available: {sorted(p.name for p in tags) or 'none'}")
     return root / model_tag
+
+
+def checkpoints_trained_with(base_dir, fingerprint: str) -> list[Path]:
+    """The model folders of the base dir (base and SFT) whose latest checkpoint used this tokenizer."""
+    found = []
+    for folder in CHECKPOINT_SOURCES.values():
+        root = Path(base_dir) / folder
+        for tag in sorted(root.iterdir()) if root.is_dir() else []:
+            ckpts = Checkpoints(tag)
+            if ckpts.latest_step() is not None and ckpts.read_metadata().get("tokenizer_fingerprint") == fingerprint:
+                found.append(tag)
+    return found
 
 
 def load_model(checkpoint_dir, step: int | None = None, dtype=jnp.float32) -> tuple[GPT, dict]:

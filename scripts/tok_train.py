@@ -10,9 +10,9 @@ shard, or with --data the documents after the training text.
 import argparse
 import time
 
-from nanojax.common import cli, positive_int
+from nanojax.common import UserError, cli, positive_int
 from nanojax.dataset import ensure_data, iter_documents, list_shards
-from nanojax.tokenizer import Tokenizer, cap_documents, tokenizer_dir
+from nanojax.tokenizer import META_FILE, Tokenizer, cap_documents, tokenizer_dir
 
 EVAL_CHARS = 1_000_000  # held-out text for the compression figure
 
@@ -34,6 +34,8 @@ def main(argv=None):
     )
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
+    if (tokenizer_dir(args.base_dir) / META_FILE).is_file():
+        refuse_to_orphan_checkpoints(args.base_dir)
 
     skipped = []
     if args.data:
@@ -75,6 +77,21 @@ def main(argv=None):
     nonzero = tok.token_bytes[tok.token_bytes > 0]
     print(f"vocab size {tok.get_vocab_size():,}; token bytes mean {nonzero.mean():.2f}, max {nonzero.max()}")
     print(f"saved the tokenizer (fingerprint {tok.fingerprint()}) to {path}")
+
+
+def refuse_to_orphan_checkpoints(base_dir) -> None:
+    """A new tokenizer in place of the one the base dir's checkpoints were trained with would leave
+    them unusable (checkpoints don't carry a copy): refused before any training."""
+    from nanojax.engine import checkpoints_trained_with  # imports jax: only when a tokenizer exists
+
+    existing = Tokenizer.load(tokenizer_dir(base_dir))
+    users = checkpoints_trained_with(tokenizer_dir(base_dir).parent, existing.fingerprint())
+    if users:
+        raise UserError(
+            f"{len(users)} model(s) were trained with the tokenizer in {tokenizer_dir(base_dir)} "
+            f"({', '.join(p.name for p in users[:3])}{', ...' if len(users) > 3 else ''}); a new one would make "
+            "them unusable: train it in another --base-dir, or move those checkpoints out first"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
 from nanojax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, cap_documents, get_tokenizer
 from scripts import tok_train
@@ -141,6 +142,17 @@ def test_tok_train_script(tmp_path, capsys):
     tok = get_tokenizer(tmp_path)
     assert tok.get_vocab_size() == 300
     assert tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
+
+    # Retraining is fine until a model was trained with this tokenizer; then it would orphan that model.
+    tok_train.main(["--data", str(tmp_path / "data"), "--vocab-size", "280", "--base-dir", str(tmp_path)])
+    used = get_tokenizer(tmp_path)
+    with Checkpoints(tmp_path / "base_checkpoints" / "d2") as ckpts:
+        params = {"w": np.ones(2, np.float32)}
+        ckpts.save(1, params, params, None, {"step": 1, "tokenizer_fingerprint": used.fingerprint()})
+    with pytest.raises(SystemExit):
+        tok_train.main(["--data", str(tmp_path / "data"), "--vocab-size", "300", "--base-dir", str(tmp_path)])
+    assert "1 model(s) were trained with the tokenizer in" in capsys.readouterr().err
+    assert get_tokenizer(tmp_path).fingerprint() == used.fingerprint()
 
 
 # ---- chat rendering
