@@ -34,8 +34,6 @@ def main(argv=None):
     )
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
-    if (tokenizer_dir(args.base_dir) / META_FILE).is_file():
-        refuse_to_orphan_checkpoints(args.base_dir)
 
     skipped = []
     if args.data:
@@ -73,18 +71,23 @@ def main(argv=None):
     ratio = tok.bytes_per_token(sample)
     print(f"compression: {ratio:.3f} bytes/token on {label} ({sum(map(len, sample)):,} chars)")
 
+    refuse_to_orphan_checkpoints(args.base_dir, tok)
     path = tok.save(tokenizer_dir(args.base_dir))
     nonzero = tok.token_bytes[tok.token_bytes > 0]
     print(f"vocab size {tok.get_vocab_size():,}; token bytes mean {nonzero.mean():.2f}, max {nonzero.max()}")
     print(f"saved the tokenizer (fingerprint {tok.fingerprint()}) to {path}")
 
 
-def refuse_to_orphan_checkpoints(base_dir) -> None:
-    """A new tokenizer in place of the one the base dir's checkpoints were trained with would leave
-    them unusable (checkpoints don't carry a copy): refused before any training."""
-    from nanojax.engine import checkpoints_trained_with  # imports jax: only when a tokenizer exists
-
+def refuse_to_orphan_checkpoints(base_dir, new: Tokenizer) -> None:
+    """Another tokenizer in place of the one the base dir's checkpoints were trained with would leave
+    them unusable (checkpoints carry no copy). The same one again (a second `make run`) is fine."""
+    if not (tokenizer_dir(base_dir) / META_FILE).is_file():
+        return
     existing = Tokenizer.load(tokenizer_dir(base_dir))
+    if existing.fingerprint() == new.fingerprint():
+        return
+    from nanojax.engine import checkpoints_trained_with  # imports jax: only when there is something to check
+
     users = checkpoints_trained_with(tokenizer_dir(base_dir).parent, existing.fingerprint())
     if users:
         raise UserError(

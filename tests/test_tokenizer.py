@@ -149,6 +149,7 @@ def test_tok_train_script(tmp_path, capsys):
     with Checkpoints(tmp_path / "base_checkpoints" / "d2") as ckpts:
         params = {"w": np.ones(2, np.float32)}
         ckpts.save(1, params, params, None, {"step": 1, "tokenizer_fingerprint": used.fingerprint()})
+    tok_train.main(["--data", str(tmp_path / "data"), "--vocab-size", "280", "--base-dir", str(tmp_path)])  # the same
     with pytest.raises(SystemExit):
         tok_train.main(["--data", str(tmp_path / "data"), "--vocab-size", "300", "--base-dir", str(tmp_path)])
     assert "1 model(s) were trained with the tokenizer in" in capsys.readouterr().err
