@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from benchmarks.data_throughput import machine
-from nanojax.common import cli, positive_int
+from nanojax.common import cli, is_out_of_memory, positive_int
 from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.sharding import make_mesh
@@ -166,8 +166,8 @@ def main():
         x, y = (jnp.asarray(tokens(accum, B * dp, T)) for _ in range(2))
         try:
             first, dt = time_train_step(state, mesh, x, y, args.steps, args.warmup, YNN_DOTS if args.ynn_dots else None)
-        except jax.errors.JaxRuntimeError as e:  # a batch too big for the device: say so, go on to the next row
-            if "RESOURCE_EXHAUSTED" not in str(e):
+        except Exception as e:  # a batch too big for the device: say so, go on to the next row
+            if not is_out_of_memory(e):
                 raise
             print(f"{B:>5} {accum:>5} {dtype:>8} {attention:>9}  out of device memory: try a smaller batch")
             continue

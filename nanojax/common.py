@@ -50,7 +50,8 @@ def add_compute_flags(parser) -> None:
 
 
 def cli(main):
-    """Wrap a script's main so that a UserError exits with its message on one line."""
+    """Wrap a script's main so that a UserError, running out of device memory and Ctrl-C each exit
+    with one line."""
 
     @wraps(main)
     def run(*args, **kwargs):
@@ -59,5 +60,21 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            first = str(e).strip().splitlines()[0]
+            print(f"error: out of memory ({first[:200]}): lower --device-batch-size or --max-seq-len, or use a "
+                  "smaller model", file=sys.stderr)  # fmt: skip
+            sys.exit(2)
 
     return run
+
+
+def is_out_of_memory(e: Exception) -> bool:
+    """XLA's allocation failure, on any device. jax is looked up, not imported: --help stays fast."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)

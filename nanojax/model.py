@@ -42,6 +42,9 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: change --head-dim")
+        if self.head_dim % 2:
+            raise UserError(f"head dim {self.head_dim} is odd: rotary embeddings turn pairs of channels; "
+                            "pick an even --head-dim")  # fmt: skip
         if self.n_head % self.n_kv_head:
             raise UserError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:

@@ -369,50 +369,57 @@ def train(
     val, t_start = None, time.perf_counter()
     timer.tick()
     x, y = stack_micro_batches(loader, accum)
-    while step < run.num_iterations:
-        params, opt_state, losses = step_fn(params, opt_state, global_batch(x, sharding), global_batch(y, sharding))
-        step += 1
-        loader_state = loader.get_state()  # the position after this step's batches, for its checkpoint
-        if step < run.num_iterations:
-            x, y = stack_micro_batches(loader, accum)  # overlaps with the step running on the device
-        loss = float(np.mean(np.asarray(losses)))  # the one sync per step
-        dt = timer.tick()
-        if not math.isfinite(loss):
-            if ckpts:
-                ckpts.close()
-            raise UserError(
-                f"loss became {loss} at step {step}; the last good checkpoint is kept in {run.checkpoint_dir}: "
-                "lower the learning rates (--matrix-lr, --embedding-lr) or resume from it"
-            )
-        if step > 1:  # the first step is mostly compilation
-            loop["total_training_time"] += dt
-        smooth = timer.update(loss)
-        loop["smooth_train_loss"] = timer.smooth_loss
-        history.train_loss.append((step, smooth))
-        steady = loop["total_training_time"] / max(step - 1, 1)
-        lrm = float(run.optim.schedule.lr_multiplier(step - 1)) if run.optim.schedule else 1.0
-        mfu = f"{100 * flops_per_step / dt / (peak * dp):.1f}%" if peak else "n/a"
-        log(f"step {step:05d}/{run.num_iterations:05d} ({100 * step / run.num_iterations:.1f}%) | "
-            f"loss {smooth:.6f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {run.total_batch_size / dt:,.0f} | "
-            f"mfu {mfu} | epoch {loader.epoch} | elapsed {fmt_time(time.perf_counter() - t_start)} | "
-            f"eta {fmt_time(steady * (run.num_iterations - step))}")  # fmt: skip
+    try:
+        while step < run.num_iterations:
+            params, opt_state, losses = step_fn(params, opt_state, global_batch(x, sharding), global_batch(y, sharding))
+            step += 1
+            loader_state = loader.get_state()  # the position after this step's batches, for its checkpoint
+            if step < run.num_iterations:
+                x, y = stack_micro_batches(loader, accum)  # overlaps with the step running on the device
+            loss = float(np.mean(np.asarray(losses)))  # the one sync per step
+            dt = timer.tick()
+            if not math.isfinite(loss):
+                if ckpts:
+                    ckpts.close()
+                raise UserError(
+                    f"loss became {loss} at step {step}; the last good checkpoint is kept in {run.checkpoint_dir}: "
+                    "lower the learning rates (--matrix-lr, --embedding-lr) or resume from it"
+                )
+            if step > 1:  # the first step is mostly compilation
+                loop["total_training_time"] += dt
+            smooth = timer.update(loss)
+            loop["smooth_train_loss"] = timer.smooth_loss
+            history.train_loss.append((step, smooth))
+            steady = loop["total_training_time"] / max(step - 1, 1)
+            lrm = float(run.optim.schedule.lr_multiplier(step - 1)) if run.optim.schedule else 1.0
+            mfu = f"{100 * flops_per_step / dt / (peak * dp):.1f}%" if peak else "n/a"
+            log(f"step {step:05d}/{run.num_iterations:05d} ({100 * step / run.num_iterations:.1f}%) | "
+                f"loss {smooth:.6f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {run.total_batch_size / dt:,.0f} | "
+                f"mfu {mfu} | epoch {loader.epoch} | elapsed {fmt_time(time.perf_counter() - t_start)} | "
+                f"eta {fmt_time(steady * (run.num_iterations - step))}")  # fmt: skip
 
-        if on_metrics:
-            on_metrics(step, {"loss": smooth, "lrm": lrm, "dt": dt, "tok_per_s": run.total_batch_size / dt})
-        last = step == run.num_iterations
-        if last or (run.eval_every > 0 and step % run.eval_every == 0):
-            val = evaluate_now(params)
-        if last or (run.save_every > 0 and step % run.save_every == 0):
-            save(params, opt_state, val)
-        if last or (run.sample_every > 0 and step % run.sample_every == 0):
-            try:  # samples only show progress: one that can't be made must not end the run
-                history.samples = sample(graphdef, params)
-            except UserError as e:
-                log(f"step {step:05d} | samples skipped: {e}")
-            else:
-                for s in history.samples:
-                    log(f"sample: {s!r}")
-        timer.tick()  # evaluation, sampling and saving don't count as step time
+            if on_metrics:
+                on_metrics(step, {"loss": smooth, "lrm": lrm, "dt": dt, "tok_per_s": run.total_batch_size / dt})
+            last = step == run.num_iterations
+            if last or (run.eval_every > 0 and step % run.eval_every == 0):
+                val = evaluate_now(params)
+            if last or (run.save_every > 0 and step % run.save_every == 0):
+                save(params, opt_state, val)
+            if last or (run.sample_every > 0 and step % run.sample_every == 0):
+                try:  # samples only show progress: one that can't be made must not end the run
+                    history.samples = sample(graphdef, params)
+                except UserError as e:
+                    log(f"step {step:05d} | samples skipped: {e}")
+                else:
+                    for s in history.samples:
+                        log(f"sample: {s!r}")
+            timer.tick()  # evaluation, sampling and saving don't count as step time
+    except KeyboardInterrupt:
+        if ckpts:
+            ckpts.close()  # waits for a save in flight, so that it is kept
+        saved = ckpts.latest_step() if ckpts else None
+        resume = f"resume with --resume-from-step {saved}" if saved is not None else "no checkpoint was saved"
+        raise UserError(f"interrupted at step {step}: {resume}") from None
     if ckpts:
         ckpts.close()
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from nanojax import dataset
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import UserError
+from nanojax.common import UserError, cli
 from nanojax.model import GPT, GPTConfig, param_paths
 from nanojax.optim import Schedule, setup_groups
 from nanojax.pretrain import pretrain
@@ -204,6 +204,28 @@ def test_failed_start_keeps_the_earlier_run_and_samples_never_cost_a_checkpoint(
     pretrain(args, tiny_base, ["alpha " * 400])
     assert "samples skipped: sequence of" in capsys.readouterr().out
     assert Checkpoints(folder).steps() == [2] and len(list(folder.parent.glob("kept-previous-*"))) == 1
+
+
+def test_ctrl_c_keeps_the_checkpoints_and_says_how_to_resume(tiny_base, monkeypatch):
+    def interrupt_at_step_3(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("nanojax.pretrain.wandb_logger", lambda *_: interrupt_at_step_3)
+    with pytest.raises(UserError, match="interrupted at step 3: resume with --resume-from-step 2"):
+        run(tiny_base, "--num-iterations=6", "--save-every=2", "--model-tag=ctrl_c")
+    assert Checkpoints(tiny_base / "base_checkpoints" / "ctrl_c").steps() == [2]
+
+
+def test_out_of_memory_is_one_line(capsys):
+    @cli
+    def main():
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 264124171396 bytes.\nmore")
+
+    with pytest.raises(SystemExit):
+        main()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory (RESOURCE_EXHAUSTED" in err and "--device-batch-size" in err
 
 
 def test_attention_auto_is_ours_on_cpu():
