@@ -392,9 +392,14 @@ class ChatSession:
         s = self.tokenizer.encode_special
         prompt = [*self.tokens, s("<|user_start|>"), *self.tokenizer.encode(text), s("<|user_end|>"),
                   s("<|assistant_start|>")]  # fmt: skip
+        room = self.engine.max_positions - len(prompt) - 1  # and <|assistant_end|> after the answer
+        if room < 1:
+            raise UserError(f"the conversation fills the model's {self.engine.max_positions} positions")
+        # --max-tokens is an upper bound: a long conversation gets the room that is left.
+        sampling = self.sampling | {"max_tokens": min(self.sampling["max_tokens"], room)}
         answer, sent = [], 0
         # A new seed per turn, so a repeated question need not get the same sampled answer.
-        for column, _ in self.engine.generate(prompt, seed=self.seed + self.turns, **self.sampling):
+        for column, _ in self.engine.generate(prompt, seed=self.seed + self.turns, **sampling):
             if column[0] in self.engine.stop_tokens:
                 break
             answer.append(column[0])

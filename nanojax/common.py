@@ -33,6 +33,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def temperature(text: str) -> float:
+    """An argparse type for a sampling temperature: a number >= 0 (0 is greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 is greedy), got {text!r}")
+    return value
+
+
 def add_compute_flags(parser) -> None:
     """The compute options pretraining and finetuning share: dtype, sharding, and the opt-in CPU speed-ups
     (numerics change with them, so they are never the default; benchmarks/README.md has their effect)."""

@@ -298,6 +298,11 @@ class Engine:
             names = ("python_start", "python_end", "output_start", "output_end")
             self.tool = {n: tokenizer.encode_special(f"<|{n}|>") for n in names}
 
+    @property
+    def max_positions(self) -> int:
+        """Prompt plus generated tokens can't pass the rotary table (10 x sequence_len, as nanochat)."""
+        return self.config.sequence_len * ROTARY_OVERSIZE
+
     def generate(self, tokens: list[int], num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Yield (token of each sample, mask of each: 1 sampled, 0 forced) per step, until max_tokens
         steps (default: up to sequence_len in all) or every sample has emitted a stop token."""
@@ -311,7 +316,7 @@ class Engine:
                 f"need num_samples >= 1, max_tokens >= 1 and temperature >= 0 (got {num_samples}, {max_tokens}, "
                 f"{temperature})"
             )
-        limit = self.config.sequence_len * ROTARY_OVERSIZE
+        limit = self.max_positions
         if P + max_tokens > limit:
             raise UserError(
                 f"prompt ({P} tokens) + max_tokens ({max_tokens}) exceed the rotary table of {limit} positions "

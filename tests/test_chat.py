@@ -15,6 +15,7 @@ from nanojax.common import UserError
 from nanojax.engine import Engine, calculate
 from nanojax.model import GPT, GPTConfig
 from nanojax.tokenizer import get_tokenizer
+from scripts import chat_cli, sample
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +184,21 @@ def test_chat_session_keeps_the_history(tok):
     assert session.tokens[: len(after_one)] == after_one and session.tokens.count(as_) == 2
     session.reset()
     assert session.tokens == [bos]
+
+
+def test_chat_session_answers_in_the_room_left(tok):
+    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    session = chat.ChatSession(Engine(GPT(config, rngs=nnx.Rngs(0)), tok), max_tokens=600, temperature=1.0)
+    session.tokens = session.tokens * 630  # a long conversation: 640 positions, 4 left for the answer
+    "".join(session.reply("hi"))
+    assert len(session.tokens) <= 640
+    with pytest.raises(UserError, match="fills the model's 640 positions"):
+        "".join(session.reply("hi"))
+
+
+@pytest.mark.parametrize("script", [chat_cli, sample])
+@pytest.mark.parametrize("value", ["-1", "nan", "warm"])
+def test_temperature_must_be_a_number_at_least_zero(script, value, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args([f"--temperature={value}"])
+    assert f"must be a number >= 0 (0 is greedy), got '{value}'" in capsys.readouterr().err
