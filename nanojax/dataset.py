@@ -219,6 +219,8 @@ def prepare_data(
     # (or an interrupted download) and are resumed.
     if existing and (manifest["source"] != request["source"] if manifest else not fineweb):
         held = manifest["source"] if manifest else "an unknown source"
+        if isinstance(held, list):  # the user's files: name a few, not hundreds
+            held = f"{len(held)} file(s) ({', '.join(held[:2])}{', ...' if len(held) > 2 else ''})"
         raise UserError(f"{folder} already holds shards from {held}: delete that folder or pass another --base-dir")
     if _is_done(folder, manifest, request):
         print(f"{folder} already holds the prepared shards; nothing to do")
