@@ -252,14 +252,16 @@ def _merge_system(conversation) -> list[dict]:
 
 
 def cap_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:
-    """Each document cropped to doc_cap characters, stopping after exactly max_chars characters in all."""
+    """Documents in pieces of at most doc_cap characters, stopping after exactly max_chars characters in
+    all. nanochat crops each document to doc_cap; cutting it instead lets one long file train a tokenizer."""
     left = max_chars
     for doc in docs:
-        doc = doc[: min(doc_cap, left)]
-        left -= len(doc)
-        yield doc
-        if left <= 0:
-            return
+        for start in range(0, max(len(doc), 1), doc_cap):
+            piece = doc[start : start + min(doc_cap, left)]
+            left -= len(piece)
+            yield piece
+            if left <= 0:
+                return
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -23,7 +23,8 @@ def main(argv=None):
     a = parser.add_argument
     a("--vocab-size", type=positive_int, default=8192, help="vocabulary incl. 9 special tokens (8192)")
     a("--max-chars", type=positive_int, default=10_000_000, help="characters to train on (10,000,000)")
-    a("--doc-cap", type=positive_int, default=10_000, help="characters kept per document (10,000)")
+    a("--doc-cap", type=positive_int, default=10_000, help="documents are cut into pieces of at most this many "
+      "characters (10,000)")  # fmt: skip
     parser.add_argument(
         "--data",
         nargs="+",

@@ -128,7 +128,7 @@ def test_training_rejects_bad_input():
 
 def test_cap_documents():
     docs = ["a" * 5, "b" * 20, "c" * 5, "d"]
-    assert list(cap_documents(docs, max_chars=100, doc_cap=8)) == ["a" * 5, "b" * 8, "c" * 5, "d"]
+    assert list(cap_documents(docs, max_chars=100, doc_cap=8)) == ["a" * 5, "b" * 8, "b" * 8, "b" * 4, "c" * 5, "d"]
     assert list(cap_documents(docs, max_chars=10, doc_cap=8)) == ["a" * 5, "b" * 5]
 
 
