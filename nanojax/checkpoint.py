@@ -15,6 +15,7 @@ array goes, so a checkpoint written from 4 devices reads back onto 1 and the rev
 """
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,18 @@ JSON_ITEMS = ("loader_state", "metadata")
 # committed to it, so we check for these ourselves before trusting a step.
 REQUIRED_FILES = {name: ("_METADATA", "manifest.ocdbt") for name in TREE_ITEMS}
 REQUIRED_FILES |= {name: ("metadata",) for name in JSON_ITEMS}  # JsonCheckpointHandler's file name
+# When one array of a damaged checkpoint fails to read, Orbax raises (and we say so in one line) while
+# TensorStore's other reads are still in flight: each then fails against Orbax's closed event loop and
+# is reported as "unraisable", dozens of tracebacks after the answer. Those reports say nothing new.
+_AFTERMATH = ("Event loop is closed", "Encountered error while reading array index")
+
+
+def _quiet_read_aftermath(report, default=sys.unraisablehook):
+    if not str(report.exc_value).startswith(_AFTERMATH):
+        default(report)
+
+
+sys.unraisablehook = _quiet_read_aftermath
 
 
 @dataclass

@@ -379,8 +379,6 @@ def train(
             loss = float(np.mean(np.asarray(losses)))  # the one sync per step
             dt = timer.tick()
             if not math.isfinite(loss):
-                if ckpts:
-                    ckpts.close()
                 raise UserError(
                     f"loss became {loss} at step {step}; the last good checkpoint is kept in {run.checkpoint_dir}: "
                     "lower the learning rates (--matrix-lr, --embedding-lr) or resume from it"
@@ -416,12 +414,13 @@ def train(
             timer.tick()  # evaluation, sampling and saving don't count as step time
     except KeyboardInterrupt:
         if ckpts:
-            ckpts.close()  # waits for a save in flight, so that it is kept
+            ckpts.wait()  # a save in flight is finished, and counts below
         saved = ckpts.latest_step() if ckpts else None
         resume = f"resume with --resume-from-step {saved}" if saved is not None else "no checkpoint was saved"
         raise UserError(f"interrupted at step {step}: {resume}") from None
-    if ckpts:
-        ckpts.close()
+    finally:
+        if ckpts:
+            ckpts.close()  # waits for pending saves: whatever ends the run, a checkpoint being written is kept
 
     tokens = run.total_batch_size * run.num_iterations
     steady_tok_s = run.total_batch_size * max(run.num_iterations - 1, 1) / max(loop["total_training_time"], 1e-9)

@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_checkpoint.py
 """
 
 import shutil
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from nanojax import checkpoint
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
 
@@ -197,6 +199,18 @@ def test_truncated_file_is_reported(tmp_path):
     (tmp_path / "1" / "metadata" / "metadata").write_text('{"step": ')
     with pytest.raises(UserError, match=rf"{tmp_path / '1'} could not be read"):
         Checkpoints(tmp_path).read_metadata(1)
+
+
+def test_only_the_aftermath_of_a_failed_read_is_silenced():
+    """TensorStore reads still in flight after a damaged checkpoint failed report as unraisable errors;
+    those are dropped, anything else reaches Python's hook."""
+    reported = []
+    for error in (RuntimeError("Event loop is closed"), Exception("Encountered error while reading array index: 0")):
+        checkpoint._quiet_read_aftermath(SimpleNamespace(exc_value=error), default=reported.append)
+    assert reported == []
+    other = SimpleNamespace(exc_value=ValueError("something else"))
+    checkpoint._quiet_read_aftermath(other, default=reported.append)
+    assert reported == [other]
 
 
 def test_refuses_to_overwrite_or_fork(tmp_path):
