@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanojax.common import UserError
 from nanojax.model import param_paths
 
 POLAR_EXPRESS_COEFFS = (
@@ -51,6 +52,13 @@ class Schedule:
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.5
     final_lr_frac: float = 0.0
+
+    def __post_init__(self):
+        ratios = {"--warmup-ratio": self.warmup_ratio, "--warmdown-ratio": self.warmdown_ratio}
+        if not all(0 <= r <= 1 for r in ratios.values()) or sum(ratios.values()) > 1:
+            raise UserError(f"{ratios} must be fractions of the run (0 to 1) that add up to at most 1")
+        if not 0 <= self.final_lr_frac <= 1:
+            raise UserError(f"--final-lr-frac {self.final_lr_frac} must be between 0 and 1")
 
     def lr_multiplier(self, it):
         n = self.num_iterations
@@ -270,6 +278,9 @@ def scaled_groups(
     adam_betas: tuple[float, float],
 ) -> dict[str, Group]:
     """base_train's groups: every lr scaled by the batch size, weight decay by depth."""
+    lrs = {"embedding": embedding_lr, "unembedding": unembedding_lr, "matrix": matrix_lr, "scalar": scalar_lr}
+    if negative := [f"--{name}-lr {lr}" for name, lr in lrs.items() if not lr >= 0]:
+        raise UserError(f"{', '.join(negative)}: learning rates must be >= 0")
     s = batch_lr_scale(total_batch_size)
     return setup_groups(
         model_dim,

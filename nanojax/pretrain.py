@@ -21,6 +21,8 @@ from nanojax.train import OptimSettings, RunConfig, abstract_model, platform_att
 
 def horizon(args, flops_per_token: int, scaling_params: int) -> int:
     """Optimizer steps: --num-iterations, else --target-flops, else --target-param-data-ratio."""
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        raise UserError(f"--num-iterations {args.num_iterations}: give a positive count, or -1 to derive it")
     if args.num_iterations > 0:
         return args.num_iterations
     if args.target_flops > 0:

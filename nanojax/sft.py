@@ -14,6 +14,7 @@ from flax import nnx
 
 from nanojax import chat
 from nanojax.checkpoint import Checkpoints
+from nanojax.common import UserError
 from nanojax.engine import find_checkpoint_dir, greedy, prompt_ids
 from nanojax.model import GPTConfig
 from nanojax.optim import Schedule, scaled_groups
@@ -70,7 +71,9 @@ def sft(args, base_dir, prompts):
     rows_per_step = args.total_batch_size // T
     epoch_rows = chat.rows_per_epoch(train_convs, T)
     num_iterations = args.num_iterations
-    if num_iterations <= 0:
+    if num_iterations == 0 or num_iterations < -1:
+        raise UserError(f"--num-iterations {num_iterations}: give a positive count, or -1 for --num-epochs")
+    if num_iterations == -1:
         num_iterations = max(1, math.ceil(args.num_epochs * epoch_rows / rows_per_step))
     print(f"{len(train_convs):,} training conversations ({epoch_rows:,} rows of {T} tokens an epoch), "
           f"{len(val_convs):,} held out | {num_iterations} steps of {rows_per_step} rows "

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from nanojax.common import UserError
 from nanojax.model import GPT, GPTConfig, param_paths
 from nanojax.optim import (
     POLAR_EXPRESS_COEFFS,
@@ -19,6 +20,7 @@ from nanojax.optim import (
     depth_weight_decay,
     muon,
     param_labels,
+    scaled_groups,
     setup_groups,
 )
 
@@ -126,3 +128,15 @@ def test_schedule_changes_need_no_recompile():
     for _ in range(3):
         _, state = step(params, grads, state)
     assert step._cache_size() == 1
+
+
+def test_schedule_and_learning_rates_are_checked():
+    with pytest.raises(UserError, match="add up to at most 1"):
+        Schedule(100, warmup_ratio=0.6, warmdown_ratio=0.5)
+    with pytest.raises(UserError, match="fractions of the run"):
+        Schedule(100, warmup_ratio=2.0)
+    with pytest.raises(UserError, match="--final-lr-frac -0.1"):
+        Schedule(100, final_lr_frac=-0.1)
+    lrs = dict(embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=-1.0, scalar_lr=0.5)
+    with pytest.raises(UserError, match="--matrix-lr -1.0: learning rates must be >= 0"):
+        scaled_groups(128, 4, 4096, **lrs, weight_decay=0.0, adam_betas=(0.8, 0.95))

@@ -236,6 +236,11 @@ def test_attention_auto_is_ours_on_cpu():
         platform_attention("cudnn", "bfloat16", 128)
 
 
+def test_zero_iterations_is_refused(tiny_base):
+    with pytest.raises(UserError, match="--num-iterations 0: give a positive count, or -1"):
+        run(tiny_base, "--num-iterations=0")
+
+
 @pytest.mark.parametrize("flag", ["--depth=0", "--loss-chunk=-4", "--device-batch-size=eight"])
 def test_sizes_must_be_positive_integers(flag, capsys):
     with pytest.raises(SystemExit):
