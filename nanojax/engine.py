@@ -450,9 +450,6 @@ def load_for_inference(base_dir, source: str, model_tag: str | None, step: int |
     model, meta = load_model(checkpoint_dir, step, dtype)
     tokenizer = get_tokenizer(base_dir)
     check_tokenizer(meta, tokenizer, checkpoint_dir)
-    if tokenizer.get_vocab_size() != model.config.vocab_size:  # what a fingerprint-less (converted) checkpoint can hide
-        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model.config.vocab_size}: "
-                        "use the base dir the model was trained in (--base-dir)")  # fmt: skip
     # On stderr, so that stdout holds only the model's text (chat_cli -p answers in pipes).
     print(f"{checkpoint_dir} step {meta['step']} | {model.num_params():,} parameters", file=sys.stderr)
     return model, tokenizer, meta, checkpoint_dir

@@ -467,23 +467,24 @@ def all_processes_state(state: dict) -> dict:
 
 def check_compatible(meta: dict, config: GPTConfig, tokenizer, where) -> None:
     """A checkpoint resumes only into the same model shape and tokenizer."""
+    check_tokenizer(meta, tokenizer, where)
     saved = GPTConfig(**meta["model_config"])
-    if saved.vocab_size != config.vocab_size:
-        raise UserError(
-            f"checkpoint {where} has a {saved.vocab_size}-token vocabulary but the tokenizer has {config.vocab_size}: "
-            "use the base dir (--base-dir) whose tokenizer it was trained with"
-        )
     if saved != config:
         raise UserError(
             f"checkpoint {where} is for model {asdict(saved)}, not {asdict(config)}: "
             "pass the same --depth/--aspect-ratio/--head-dim/--max-seq-len/--window-pattern or another --model-tag"
         )
-    check_tokenizer(meta, tokenizer, where)
 
 
 def check_tokenizer(meta: dict, tokenizer, where) -> None:
-    """A one-line UserError if the checkpoint was trained with another tokenizer (converted nanochat
-    checkpoints carry no fingerprint and pass)."""
+    """A one-line UserError if the checkpoint was trained with another tokenizer: its vocabulary size
+    differs, or its fingerprint (converted nanochat checkpoints carry none: their size must tell)."""
+    vocab_size = meta["model_config"]["vocab_size"]
+    if vocab_size != tokenizer.get_vocab_size():
+        raise UserError(
+            f"checkpoint {where} has a {vocab_size}-token vocabulary, the tokenizer here {tokenizer.get_vocab_size()}: "
+            "use the base dir (--base-dir) whose tokenizer it was trained with"
+        )
     saved = meta.get("tokenizer_fingerprint")
     if saved not in (None, tokenizer.fingerprint()):
         raise UserError(

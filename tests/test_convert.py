@@ -57,7 +57,7 @@ def test_imported_logits_match_nanochat(imported, ref):
 def test_sampling_with_a_tokenizer_of_another_size_is_refused(imported, tmp_path):
     base = imported.parent.parent  # converted checkpoints carry no tokenizer fingerprint: the size must tell
     Tokenizer({bytes([i]): i for i in range(256)}).save(base / "tokenizer")  # 265 tokens, the model has 512
-    with pytest.raises(UserError, match="the tokenizer has 265 tokens, the model 512"):
+    with pytest.raises(UserError, match="has a 512-token vocabulary, the tokenizer here 265"):
         sample.main.__wrapped__([f"--base-dir={base}", "--max-tokens=2"])
     shutil.rmtree(base / "tokenizer")
 
