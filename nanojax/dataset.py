@@ -102,8 +102,8 @@ def resolve_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
 def iter_documents(sources: Iterable[str | os.PathLike], skipped: list | None = None) -> Iterator[str]:
     """The documents of files, folders and globs (checked now, read lazily).
 
-    Files that are not UTF-8 text are skipped and appended to `skipped`; if nothing but such files
-    was found, iterating raises UserError.
+    Files that are not UTF-8 text are skipped and appended to `skipped`; if no file held any text,
+    iterating raises UserError.
     """
     sources = list(sources)
     files = resolve_files(sources)
@@ -115,9 +115,12 @@ def iter_documents(sources: Iterable[str | os.PathLike], skipped: list | None = 
             for doc in _read_file(path, skipped):
                 num_docs += 1
                 yield doc
-        if num_docs == 0 and skipped:
+        if num_docs == 0:
             named = ", ".join(map(str, sources[:3])) + (", ..." if len(sources) > 3 else "")
-            raise UserError(f"no UTF-8 text in {named}: skipped {len(skipped)} binary (non-UTF-8) files")
+            raise UserError(
+                f"no UTF-8 text in {named}: of its {len(files)} file(s), {len(skipped)} are binary (not UTF-8) "
+                "and the rest are empty"
+            )
 
     return documents()
 

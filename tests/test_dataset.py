@@ -274,3 +274,11 @@ def test_fineweb_missing_shard_and_bad_count(fineweb, tmp_path):
     assert not (data_dir(tmp_path / "base") / "shard_00004.parquet").exists()
     with pytest.raises(UserError, match="two or more"):
         fetch(tmp_path / "other", fineweb, 1)
+
+
+def test_a_corpus_of_empty_files_names_them(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "empty.txt").write_text("")
+    (tmp_path / "notes" / "image.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=r"no UTF-8 text in .*notes: of its 2 file\(s\), 1 are binary"):
+        prepare_data([str(tmp_path / "notes")], tmp_path / "base")
