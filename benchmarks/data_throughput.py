@@ -55,6 +55,7 @@ def main():
     parser.add_argument("--num-batches", type=int, default=300, help="batches timed after the first")
     parser.add_argument("--buffer-size", type=int, default=1000, help="documents the best fit chooses from")
     parser.add_argument("--num-threads", type=int, default=None, help="tokenizing threads (default: CPUs)")
+    parser.add_argument("--crop-long-docs", action="store_true", help="nanochat's packing: long documents keep one row")
     args = parser.parse_args()
 
     folder = dataset.ensure_data(args.base_dir)
@@ -62,22 +63,20 @@ def main():
     tok = CountingTokenizer(tokenizer.get_tokenizer(args.base_dir))
     B, T = args.device_batch_size, args.seq_len
 
-    def loader(state=None):
+    def loader(state=None, counter=tok, repeat=True):
         return make_loader(
-            shards, tok, B, T, state=state, buffer_size=args.buffer_size, num_threads=args.num_threads,
-            process_index=0, process_count=1,
+            shards, counter, B, T, state=state, buffer_size=args.buffer_size, num_threads=args.num_threads,
+            process_index=0, process_count=1, crop_long_docs=args.crop_long_docs, repeat=repeat,
         )  # fmt: skip
 
     start = time.perf_counter()
     it = loader()
     next(it)
     first = time.perf_counter() - start
-    tokens_before = tok.count
     start = time.perf_counter()
     for _ in range(args.num_batches):
         next(it)
     steady = time.perf_counter() - start
-    kept = args.num_batches * B * (T + 1) / (tok.count - tokens_before)
 
     state = it.get_state()
     start = time.perf_counter()
@@ -86,15 +85,21 @@ def main():
     restore = time.perf_counter() - start
     assert (inputs == next(it)[0]).all(), "the resumed loader diverged"
 
+    # The share of the corpus's tokens that reach a batch: one pass, every document tokenized once.
+    one_pass = CountingTokenizer(tok.tok)
+    kept = sum(1 for _ in loader(counter=one_pass, repeat=False)) * B * (T + 1) / one_pass.count
+
     rate = args.num_batches * B * T / steady
     print(f"machine: {machine()}")
     print(f"corpus: {len(shards)} train shards in {folder}, epoch {it.epoch} reached")
-    print(f"loader: T={T}, device batch {B}, buffer {args.buffer_size}, threads {args.num_threads or 'default'}")
+    packing = "long documents cropped to a row (nanochat)" if args.crop_long_docs else "long documents cut into rows"
+    print(f"loader: T={T}, device batch {B}, buffer {args.buffer_size}, threads {args.num_threads or 'default'}, "
+          f"{packing}")  # fmt: skip
     rows = [
         ("first batch (fills the buffer)", f"{first:.2f} s"),
         ("steady state", f"{rate:,.0f} tokens/s ({args.num_batches / steady:.1f} batches/s)"),
-        ("tokenized tokens kept in rows", f"{kept:.1%}"),
-        (f"resume from state ({len(state['buffer'])} docs)", f"{restore:.2f} s"),
+        ("corpus tokens in rows, one pass", f"{kept:.1%}"),
+        (f"resume from state ({len(state['buffer'])} buffered)", f"{restore:.2f} s"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
