@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from nanojax import __version__
 from nanojax.checkpoint import Checkpoints
@@ -125,6 +126,7 @@ def abstract_targets(state: TrainState):
 # Opt-in XLA CPU options for the train step (`make_train_step(..., compiler_options=...)`). YNNPACK dots
 # run bfloat16 matmuls with float32 accumulation and fast transposed-operand (backward) kernels: much faster
 # in bfloat16 on AVX-512 BF16 CPUs, but they change float32 numerics, so never the default.
+PROGRESS_BATCHES = 16  # a shorter evaluation is over before a progress bar would help
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
@@ -170,8 +172,11 @@ def make_evaluator(graphdef, mesh, token_bytes, metric: str = "bpb"):
 
     sharding = batch_sharding(mesh)
 
-    def evaluate(params, batches) -> float:
+    def evaluate(params, batches, total: int | None = None) -> float:
+        """total: the batches expected, for a progress bar on long evaluations (process 0 only)."""
         nats, count = 0.0, 0
+        quiet = total is None or total < PROGRESS_BATCHES or jax.process_index() != 0
+        batches = tqdm(batches, total=total, desc=f"val {metric}", unit="batch", leave=False, disable=quiet)
         for inputs, targets in batches:
             x, y = (global_batch(a[None], sharding)[0] for a in (inputs, targets))
             n, c = sums(params, x, y)
@@ -342,7 +347,7 @@ def train(
         f"{run.num_iterations} steps of {run.total_batch_size:,} tokens")  # fmt: skip
 
     def evaluate_now(params):
-        value = evaluate(params, itertools.islice(val_batches(local_rows), eval_batches))
+        value = evaluate(params, itertools.islice(val_batches(local_rows), eval_batches), eval_batches)
         getattr(history, metric).append((step, value))
         best = loop[f"min_{metric}"]
         loop[f"min_{metric}"] = value if best is None else min(best, value)
