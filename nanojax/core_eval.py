@@ -36,7 +36,7 @@ from nanojax.engine import bucket, greedy, prompt_ids
 from nanojax.loader import make_val_loader
 from nanojax.model import GPT, ROTARY_OVERSIZE, cross_entropy
 from nanojax.sharding import make_mesh, replicated
-from nanojax.train import make_evaluator
+from nanojax.train import PROGRESS_BATCHES, make_evaluator
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED, FEWSHOT_SEED = 1337, 1234  # nanochat's, so the same subsets and shots are drawn
@@ -256,7 +256,7 @@ def val_bpb(
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               crop_long_docs=crop_long_docs)  # fmt: skip
     batches = list(itertools.islice(batches, num_batches))
-    bpb = make_evaluator(graphdef, mesh, tokenizer.token_bytes)(params, batches, len(batches))
+    bpb = make_evaluator(graphdef, mesh, tokenizer.token_bytes)(params, batches, len(batches) >= PROGRESS_BATCHES)
     return bpb, len(batches) * device_batch_size * T * mesh.size
 
 

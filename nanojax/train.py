@@ -172,11 +172,11 @@ def make_evaluator(graphdef, mesh, token_bytes, metric: str = "bpb"):
 
     sharding = batch_sharding(mesh)
 
-    def evaluate(params, batches, total: int | None = None) -> float:
-        """total: the batches expected, for a progress bar on long evaluations (process 0 only)."""
+    def evaluate(params, batches, progress: bool = False) -> float:
+        """progress: a bar on process 0 (with an ETA when `batches` has a length), cleared at the end."""
         nats, count = 0.0, 0
-        quiet = total is None or total < PROGRESS_BATCHES or jax.process_index() != 0
-        batches = tqdm(batches, total=total, desc=f"val {metric}", unit="batch", leave=False, disable=quiet)
+        quiet = not progress or jax.process_index() != 0
+        batches = tqdm(batches, desc=f"val {metric}", unit="batch", leave=False, disable=quiet)
         for inputs, targets in batches:
             x, y = (global_batch(a[None], sharding)[0] for a in (inputs, targets))
             n, c = sums(params, x, y)
@@ -347,7 +347,9 @@ def train(
         f"{run.num_iterations} steps of {run.total_batch_size:,} tokens")  # fmt: skip
 
     def evaluate_now(params):
-        value = evaluate(params, itertools.islice(val_batches(local_rows), eval_batches), eval_batches)
+        # eval_batches is only a cap (validation is one pass over a split of unknown size): no ETA.
+        batches = itertools.islice(val_batches(local_rows), eval_batches)
+        value = evaluate(params, batches, progress=eval_batches >= PROGRESS_BATCHES)
         getattr(history, metric).append((step, value))
         best = loop[f"min_{metric}"]
         loop[f"min_{metric}"] = value if best is None else min(best, value)
