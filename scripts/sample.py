@@ -46,8 +46,10 @@ def main(argv=None):
         ids = engine.prompt_ids(tokenizer, prompt, chat=args.source == "sft")
         print("-" * 80)
         if args.num_samples == 1:
-            print(prompt, end="", flush=True)
-            for piece in gen.stream(ids, **kwargs):
+            pieces = gen.stream(ids, **kwargs)
+            first = next(pieces, "")  # a prompt too long is refused here, before it is echoed
+            print(prompt + first, end="", flush=True)
+            for piece in pieces:
                 print(piece, end="", flush=True)
             print()
             continue

@@ -301,6 +301,13 @@ def test_sample_script_errors(trained, tmp_path, capsys, flags, message):
     assert message in err and err.strip().count("\n") == 0
 
 
+def test_sample_script_refuses_a_long_prompt_before_echoing_it(trained, capsys):
+    with pytest.raises(SystemExit):
+        sample.main([f"--base-dir={trained}", "--prompt", "alpha " * 400, "--max-tokens=8"])
+    out, err = capsys.readouterr()
+    assert "exceed the rotary table" in err and "alpha" not in out
+
+
 def test_sample_script_refuses_other_tokenizer(trained, tmp_path, capsys):
     shutil.copytree(trained / "base_checkpoints", tmp_path / "base_checkpoints")
     Tokenizer.train(["gamma delta epsilon " * 50], 300).save(tokenizer_dir(tmp_path))  # 282 tokens, the model 295
