@@ -22,6 +22,12 @@ def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def a_few(items, n: int = 3) -> str:
+    """The first n items, comma-separated, then "..." if there are more: an error names examples, not hundreds."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
 def positive_int(text: str) -> int:
     """An argparse type for sizes and counts: a bad value is argparse's one-line error, not a crash later."""
     try:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanojax.common import UserError, get_base_dir
+from nanojax.common import UserError, a_few, get_base_dir
 
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 SHARD_CHARS = 2_000_000  # about 2 MB of text per shard: the stdlib corpus (~12 MB) gives ~5 train shards
@@ -116,10 +116,9 @@ def iter_documents(sources: Iterable[str | os.PathLike], skipped: list | None = 
                 num_docs += 1
                 yield doc
         if num_docs == 0:
-            named = ", ".join(map(str, sources[:3])) + (", ..." if len(sources) > 3 else "")
             raise UserError(
-                f"no UTF-8 text in {named}: of its {len(files)} file(s), {len(skipped)} are binary (not UTF-8) "
-                "and the rest are empty"
+                f"no UTF-8 text in {a_few(sources)}: of its {len(files)} file(s), {len(skipped)} are binary "
+                "(not UTF-8) and the rest are empty"
             )
 
     return documents()
@@ -222,8 +221,8 @@ def prepare_data(
     # (or an interrupted download) and are resumed.
     if existing and (manifest["source"] != request["source"] if manifest else not fineweb):
         held = manifest["source"] if manifest else "an unknown source"
-        if isinstance(held, list):  # the user's files: name a few, not hundreds
-            held = f"{len(held)} file(s) ({', '.join(held[:2])}{', ...' if len(held) > 2 else ''})"
+        if isinstance(held, list):  # the user's files
+            held = f"{len(held)} file(s) ({a_few(held, 2)})"
         raise UserError(f"{folder} already holds shards from {held}: delete that folder or pass another --base-dir")
     if _is_done(folder, manifest, request):
         print(f"{folder} already holds the prepared shards; nothing to do")

@@ -10,7 +10,7 @@ shard, or with --data the documents after the training text.
 import argparse
 import time
 
-from nanojax.common import UserError, cli, positive_int
+from nanojax.common import UserError, a_few, cli, positive_int
 from nanojax.dataset import ensure_data, iter_documents, list_shards
 from nanojax.tokenizer import META_FILE, Tokenizer, cap_documents, tokenizer_dir
 
@@ -82,19 +82,19 @@ def main(argv=None):
 def refuse_to_orphan_checkpoints(base_dir, new: Tokenizer) -> None:
     """Another tokenizer in place of the one the base dir's checkpoints were trained with would leave
     them unusable (checkpoints carry no copy). The same one again (a second `make run`) is fine."""
-    if not (tokenizer_dir(base_dir) / META_FILE).is_file():
+    folder = tokenizer_dir(base_dir)
+    if not (folder / META_FILE).is_file():
         return
-    existing = Tokenizer.load(tokenizer_dir(base_dir))
+    existing = Tokenizer.load(folder)
     if existing.fingerprint() == new.fingerprint():
         return
     from nanojax.engine import checkpoints_trained_with  # imports jax: only when there is something to check
 
-    users = checkpoints_trained_with(tokenizer_dir(base_dir).parent, existing.fingerprint())
+    users = checkpoints_trained_with(folder.parent, existing.fingerprint())
     if users:
         raise UserError(
-            f"{len(users)} model(s) were trained with the tokenizer in {tokenizer_dir(base_dir)} "
-            f"({', '.join(p.name for p in users[:3])}{', ...' if len(users) > 3 else ''}); a new one would make "
-            "them unusable: train it in another --base-dir, or move those checkpoints out first"
+            f"{len(users)} model(s) were trained with the tokenizer in {folder} ({a_few(p.name for p in users)}); "
+            "a new one would make them unusable: train it in another --base-dir, or move those checkpoints out first"
         )
 
 
