@@ -16,7 +16,8 @@ optional leading system message, as tokenizer.render_conversation requires. Blan
 Packing is nanochat's SFT best fit: every row starts with a whole conversation's <|bos|>; take the
 longest buffered conversation that fits the space left; when none fits, pad the rest of the row with
 <|bos|> and no loss. A conversation is never split over rows; one longer than a row is truncated,
-with a warning. Targets are -1 wherever the rendered mask is 0: user turns, tool output, padding.
+with a warning, and left out if no assistant token is left in it. Targets are -1 wherever the rendered
+mask is 0: user turns, tool output, padding.
 """
 
 import glob
@@ -109,13 +110,15 @@ def read_conversations(paths, tokenizer, row_len: int, *, skip_bad_lines=False, 
     """Every conversation in the files, rendered. Malformed lines are listed with file and line, then
     refused (a UserError) or, with skip_bad_lines, left out; longer conversations are cut to row_len."""
     convs = Conversations([], [], [], tokenizer.get_bos_token_id())
-    bad, truncated = [], []
+    bad, truncated, untrained = [], [], []
     for path in conversation_files(paths):
         with path.open("rb") as f:
             for lineno, raw in enumerate(f, 1):
                 source = f"{path}:{lineno}"
                 try:
-                    line = raw.decode("utf-8")  # a UnicodeDecodeError is a ValueError: reported as bad
+                    # utf-8-sig: Windows editors start a file with a byte-order mark. A UnicodeDecodeError
+                    # is a ValueError: reported as a bad line.
+                    line = raw.decode("utf-8-sig")
                     if not line.strip():
                         continue
                     ids, mask = tokenizer.render_conversation(parse_conversation(line), max_tokens=sys.maxsize)
@@ -124,6 +127,9 @@ def read_conversations(paths, tokenizer, row_len: int, *, skip_bad_lines=False, 
                     continue
                 if len(ids) > row_len:
                     truncated.append(f"{source}: {len(ids)} tokens")
+                    if not any(mask[:row_len]):  # it would only add padding to the rows, and no loss
+                        untrained.append(source)
+                        continue
                 convs.tokens.append(np.asarray(ids[:row_len], np.int32))
                 convs.masks.append(np.asarray(mask[:row_len], bool))
                 convs.sources.append(source)
@@ -140,6 +146,13 @@ def read_conversations(paths, tokenizer, row_len: int, *, skip_bad_lines=False, 
         log(f"warning: {len(truncated)} conversation(s) longer than a row of {row_len} tokens were truncated "
             "(raise --max-seq-len to keep them whole):")  # fmt: skip
         _list(truncated, log)
+    if untrained:
+        log(f"left out {len(untrained)} of them: no assistant token within the first {row_len} tokens")
+    if not convs.tokens and untrained:
+        raise UserError(
+            f"no conversation in {[str(p) for p in paths]} has an assistant token within a row of {row_len} "
+            "tokens: raise --max-seq-len or shorten the user turns"
+        )
     if not convs.tokens:
         raise UserError(f"no conversations in {[str(p) for p in paths]}: each line must hold one")
     return convs
@@ -219,7 +232,8 @@ class SFTLoader:
         self.epoch, self.cursor, buffer = 1, 0, []
         if state is not None:
             buffer = self._restore(state)
-        self.packer = _Packer(convs, self.row_len, self._stream(), buffer_size, buffer)
+        # A buffer longer than the epoch would read epochs ahead of the rows made (and the logged epoch).
+        self.packer = _Packer(convs, self.row_len, self._stream(), min(buffer_size, len(self.ids)), buffer)
 
     def _stream(self) -> Iterator[int]:
         while True:

@@ -1,6 +1,7 @@
 """Small shared pieces: the base directory, the one-line user error, the flags several scripts share."""
 
 import argparse
+import math
 import os
 import sys
 from functools import wraps
@@ -30,12 +31,21 @@ def a_few(items, n: int = 3) -> str:
 
 def positive_int(text: str) -> int:
     """An argparse type for sizes and counts: a bad value is argparse's one-line error, not a crash later."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type for counts where 0 means none, or all (top-k)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
 
 
@@ -45,8 +55,8 @@ def temperature(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 is greedy), got {text!r}")
+    if not 0 <= value < math.inf:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is greedy), got {text!r}")
     return value
 
 

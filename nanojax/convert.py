@@ -138,20 +138,46 @@ def from_nanochat_dir(nanochat_dir, checkpoint_dir, step: int | None = None, tok
     nanochat_dir = Path(nanochat_dir)
     step = _resolve_step(nanochat_dir, step)
     meta, config = _read_meta(nanochat_dir, step, tokenizer)
-    state_dict = torch.load(nanochat_dir / MODEL_FILE.format(step), map_location="cpu", weights_only=True)
+    source = str(nanochat_dir.resolve())
+    _check_out_folder(Path(checkpoint_dir), source)
+    model_file = nanochat_dir / MODEL_FILE.format(step)
+    try:  # weights_only: tensors and plain containers, never code
+        state_dict = torch.load(model_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch says a damaged file many ways; its advice to unpickle code is not for us
+        raise UserError(
+            f"{model_file} is not a readable PyTorch state dict ({type(e).__name__}): a truncated or damaged "
+            "copy? copy it again from where nanochat saved it"
+        ) from e
     # bfloat16 (nanochat's embeddings on GPU) has no numpy dtype: go through float32, our param dtype.
     state_dict = {k: v.float().numpy() for k, v in state_dict.items()}
     like = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
     params = from_nanochat(state_dict, like)
     metadata = {
         "step": step, "val_bpb": meta.get("val_bpb"), "model_config": asdict(config),
-        "converted_from": str(nanochat_dir.resolve()), "nanochat_meta": meta,
+        "converted_from": source, "nanochat_meta": meta,
     }  # fmt: skip
     if tokenizer is not None:
         metadata["tokenizer_fingerprint"] = tokenizer.fingerprint()
     with Checkpoints(checkpoint_dir) as ckpts:
         ckpts.save(step, params, None, None, metadata)
     return step
+
+
+def _check_out_folder(checkpoint_dir: Path, source: str) -> None:
+    """Converted steps go into a new folder, or one holding other steps converted from the same source:
+    the latest step of a folder is what scripts load, so it must never be another model's."""
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise UserError(f"--out {checkpoint_dir} is a file: give a folder for the checkpoint")
+    if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
+        return
+    ckpts = Checkpoints(checkpoint_dir)
+    latest = ckpts.latest_step()
+    if latest is None:
+        raise UserError(f"{checkpoint_dir} holds files that are not checkpoints: convert into a new or empty folder")
+    if ckpts.read_metadata(latest).get("converted_from") != source:
+        raise UserError(
+            f"{checkpoint_dir} holds checkpoints of another model (step {latest}): convert into a new or empty folder"
+        )
 
 
 def to_nanochat_dir(checkpoint_dir, nanochat_dir, step: int | None = None) -> Path:
@@ -162,6 +188,8 @@ def to_nanochat_dir(checkpoint_dir, nanochat_dir, step: int | None = None) -> Pa
     step = meta["step"]
     nanochat_dir = Path(nanochat_dir)
     path = nanochat_dir / MODEL_FILE.format(step)
+    if nanochat_dir.exists() and not nanochat_dir.is_dir():
+        raise UserError(f"--out {nanochat_dir} is a file: give a folder for nanochat's files")
     if path.exists():
         raise UserError(f"{path} already exists: move it aside or export to another directory")
     weights = to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -100,11 +100,47 @@ def _read_task(spec: dict, bundle_dir: Path, baselines: dict) -> Task:
     data_path = bundle_dir / "eval_data" / spec["dataset_uri"]
     if not data_path.is_file():
         raise UserError(f"CORE task {label}: no data at {data_path}")
-    items = [json.loads(line) for line in data_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    baseline = baselines[label]
+    if not 0 <= baseline < 100:
+        raise UserError(f"{bundle_dir / 'eval_meta_data.csv'}: task {label}'s random baseline {baseline} is not a "
+                        "percentage in [0, 100)")  # fmt: skip
+    items = []
+    with data_path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                items.append(_read_item(line, task_type, f"{data_path}:{lineno}"))
+    if not items:
+        raise UserError(f"CORE task {label}: {data_path} holds no items")
     shots = spec["num_fewshot"]  # a list in nanochat's core.yaml, of which the first is used
     shots = shots[0] if isinstance(shots, list) else shots
     delimiter = spec.get("continuation_delimiter", " ")
-    return Task(label, task_type, shots, delimiter, 0.01 * baselines[label], items)
+    return Task(label, task_type, shots, delimiter, 0.01 * baseline, items)
+
+
+ITEM_FIELDS = {  # per task type: the text fields, and the list of options gold indexes
+    "multiple_choice": (("query",), "choices"),
+    "schema": (("continuation",), "context_options"),
+    "language_modeling": (("context", "continuation"), None),
+}
+
+
+def _read_item(line: str, task_type: str, where: str) -> dict:
+    """One item of a task's data, checked: a UserError names the file and line."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    texts, options = ITEM_FIELDS[task_type]
+    fields = ", ".join(f'"{k}"' for k in [*texts, *([options, "gold"] if options else [])])
+    ok = isinstance(item, dict) and all(isinstance(item.get(k), str) for k in texts)
+    if ok and options:
+        choices, gold = item.get(options), item.get("gold")
+        ok = isinstance(choices, list) and len(choices) > 1 and all(isinstance(c, str) for c in choices)
+        ok = ok and isinstance(gold, int) and 0 <= gold < len(choices)
+    if not ok:
+        kind = f"two or more {options} and a gold index among them" if options else "strings"
+        raise UserError(f"{where}: a {task_type} item needs {fields} ({kind})")
+    return item
 
 
 # --- prompts: nanochat's templates, shots separated by a blank line ---------------------------------

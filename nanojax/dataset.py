@@ -240,7 +240,7 @@ def prepare_data(
             random.Random(seed).shuffle(docs)
         else:
             docs = iter_documents(sources, skipped)
-        docs = tqdm(docs, desc="writing shards", unit="doc")
+        docs = tqdm(docs, desc="writing shards", unit="doc", disable=None)  # None: only in a terminal
         stats = _write_shards(folder, docs, shard_chars, val_fraction, seed)
         stats["skipped_files"] = len(skipped)
         if skipped:
@@ -365,7 +365,8 @@ def _download_shards(folder: Path, base_url: str, num_shards: int, num_workers, 
         return _download(f"{base_url.rstrip('/')}/{shard_name(i)}", folder / shard_name(i), retries, retry_wait)
 
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        errors = [e for e in tqdm(pool.map(fetch, todo), total=len(todo), desc="downloading", unit="shard") if e]
+        fetched = tqdm(pool.map(fetch, todo), total=len(todo), desc="downloading", unit="shard", disable=None)
+        errors = [e for e in fetched if e]
     if errors:
         raise UserError(f"{len(errors)} shards failed to download, e.g. {errors[0]}: rerun to resume")
     return {"num_shards": num_shards}

@@ -415,7 +415,14 @@ def find_checkpoint_dir(base_dir, source: str = "base", model_tag: str | None = 
             raise UserError(f"no checkpoints in {root}: train a model first, or pass --base-dir / --source")
         return tags[-1]
     if not (root / model_tag).is_dir():
-        raise UserError(f"no model tag {model_tag!r} in {root}; available: {sorted(p.name for p in tags) or 'none'}")
+        hint = ""
+        if source == "sft" and (Path(base_dir) / CHECKPOINT_SOURCES["base"] / model_tag).is_dir():
+            hint = f" ({model_tag!r} is a base model: finetune it with scripts.chat_sft, or pass --source base)"
+        elif source == "base" and (Path(base_dir) / CHECKPOINT_SOURCES["sft"] / model_tag).is_dir():
+            hint = f" ({model_tag!r} is a finetuned model: pass --source sft)"
+        raise UserError(
+            f"no model tag {model_tag!r} in {root}; available: {sorted(p.name for p in tags) or 'none'}{hint}"
+        )
     return root / model_tag
 
 

@@ -402,10 +402,14 @@ class GPT(nnx.Module):
         logits_BTV = self.lm_head(rms_norm(x_BTD))[..., : self.config.vocab_size].astype(jnp.float32)
         return SOFTCAP * jnp.tanh(logits_BTV / SOFTCAP)
 
-    def loss(self, idx_BT, targets_BT, reduction: str = "mean"):
-        """Cross-entropy over targets != -1: the mean, or per position (0 where ignored) for 'none'."""
+    def loss(self, idx_BT, targets_BT, reduction: str = "mean", groups: int = 1):
+        """Cross-entropy over targets != -1: the mean, or per position (0 where ignored) for 'none'.
+
+        groups: the mean is taken in each of this many equal slices of the rows, then averaged, as
+        nanochat averages one mean per GPU; the train step passes its number of devices, so a finetuning
+        loss (whose rows hold different numbers of targets) is the same on any number of them."""
         if self.loss_chunk is None:
-            return cross_entropy(self(idx_BT), targets_BT, reduction)
+            return cross_entropy(self(idx_BT), targets_BT, reduction, groups)
         x_NC = rms_norm(self.trunk(idx_BT))
         B, T, C = x_NC.shape
         valid_BT = targets_BT != -1
@@ -413,10 +417,10 @@ class GPT(nnx.Module):
         static = (self.config.vocab_size, self.loss_chunk, jnp.dtype(self.dtype))
         if reduction == "none":
             return jnp.where(valid_BT, softcap_ce(*args, *static).reshape(B, T), 0.0)
-        weights_BT = valid_BT.astype(jnp.float32)
+        weights_GN = valid_BT.reshape(groups, -1).astype(jnp.float32)
         if reduction == "mean":
-            weights_BT = weights_BT / jnp.maximum(valid_BT.sum(), 1)
-        return softcap_ce_sum(*args, weights_BT.reshape(-1), *static)
+            weights_GN = weights_GN / (jnp.maximum(weights_GN.sum(1, keepdims=True), 1) * groups)
+        return softcap_ce_sum(*args, weights_GN.reshape(-1), *static)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
@@ -435,21 +439,23 @@ class GPT(nnx.Module):
         return 6 * matmul_params + attn
 
 
-def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
+def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean", groups: int = 1):
     valid_BT = targets_BT != -1
     safe_BT = jnp.where(valid_BT, targets_BT, 0)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     picked_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
     loss_BT = jnp.where(valid_BT, logz_BT - picked_BT, 0.0)
-    return reduce_loss(loss_BT, valid_BT, reduction)
+    return reduce_loss(loss_BT, valid_BT, reduction, groups)
 
 
-def reduce_loss(loss_BT, valid_BT, reduction: str):
+def reduce_loss(loss_BT, valid_BT, reduction: str, groups: int = 1):
+    """'none', 'sum', or 'mean': the mean of each of `groups` equal slices of the rows, averaged."""
     if reduction == "none":
         return loss_BT
     if reduction == "sum":
         return loss_BT.sum()
-    return loss_BT.sum() / jnp.maximum(valid_BT.sum(), 1)
+    loss_G = loss_BT.reshape(groups, -1).sum(1) / jnp.maximum(valid_BT.reshape(groups, -1).sum(1), 1)
+    return loss_G.mean()
 
 
 def _dot(a, b, contracting: tuple[int, int], batch: int = 0):

@@ -8,6 +8,7 @@ loss over the held-out conversations' assistant tokens).
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -49,10 +50,24 @@ def inherit(args, meta: dict, log=print) -> None:
         log("from the base run: " + ", ".join(f"{k}={v}" for k, v in taken.items()))
 
 
+def resumed_base_step(checkpoint_dir, args, log=print) -> int | None:
+    """The base step to read settings and tokenizer from: --model-step, or on resume the one the run was
+    finetuned from (its weights come from the checkpoint; the report must name where they began)."""
+    if args.resume_from_step < 0:
+        return args.model_step
+    meta = Checkpoints(checkpoint_dir).read_metadata(args.resume_from_step)
+    step = int(Path(meta["user_config"]["base_checkpoint"]).name)
+    if args.model_step not in (None, step):
+        log(f"note: this run was finetuned from base step {step}; --model-step {args.model_step} is ignored on resume")
+    return step
+
+
 def sft(args, base_dir, prompts):
     base_ckpt_dir = find_checkpoint_dir(base_dir, "base", args.model_tag)
     base_ckpts = Checkpoints(base_ckpt_dir)
-    base_step = base_ckpts.resolve_step(args.model_step)
+    tag = args.model_tag or base_ckpt_dir.name
+    checkpoint_dir = base_dir / "chatsft_checkpoints" / tag
+    base_step = base_ckpts.resolve_step(resumed_base_step(checkpoint_dir, args))
     meta = base_ckpts.read_metadata(base_step)
     tokenizer = get_tokenizer(base_dir)
     check_tokenizer(meta, tokenizer, base_ckpts.step_dir(base_step))
@@ -87,11 +102,10 @@ def sft(args, base_dir, prompts):
         weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
     )  # fmt: skip
     schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    tag = args.model_tag or base_ckpt_dir.name
     run = RunConfig(
         model_config=config, optim=OptimSettings(groups, schedule, orth_dtype),
         num_iterations=num_iterations, device_batch_size=args.device_batch_size,
-        total_batch_size=args.total_batch_size, checkpoint_dir=base_dir / "chatsft_checkpoints" / tag, dtype=dtype,
+        total_batch_size=args.total_batch_size, checkpoint_dir=checkpoint_dir, dtype=dtype,
         fsdp=args.fsdp, eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume_from_step=args.resume_from_step,
         seed=args.seed, loss_chunk=args.loss_chunk, ynn_dots=args.ynn_dots, eval_metric="loss",

@@ -189,7 +189,7 @@ class Tokenizer:
         user message. Assistant content is a string or a list of {"type": "text"|"python"|"python_output",
         "text": ...} parts.
         """
-        messages = _merge_system(conversation)
+        messages, shift = _merge_system(conversation)
         ids, mask = [], []
 
         def add(tokens, value):
@@ -203,7 +203,7 @@ class Tokenizer:
             content = message["content"]
             if message["role"] == "user":
                 if not isinstance(content, str):
-                    raise UserError(f"message {i}: user content must be a string, not {type(content).__name__}")
+                    raise UserError(f"message {i + shift}: user content must be a string, not {type(content).__name__}")
                 add([s("<|user_start|>"), *self.encode(content), s("<|user_end|>")], 0)
                 continue
             add(s("<|assistant_start|>"), 0)
@@ -217,7 +217,9 @@ class Tokenizer:
                     # Tool output comes from the interpreter at inference time: never a target.
                     add([s("<|output_start|>"), *text_ids, s("<|output_end|>")], 0)
                 else:
-                    raise UserError(f"message {i}: unknown part type {part['type']!r} (text, python, python_output)")
+                    raise UserError(
+                        f"message {i + shift}: unknown part type {part['type']!r} (text, python, python_output)"
+                    )
             add(s("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
@@ -230,10 +232,13 @@ class Tokenizer:
         return ids + [self.encode_special("<|assistant_start|>")]
 
 
-def _merge_system(conversation) -> list[dict]:
-    """The messages with a leading system message folded into the first user one, roles checked."""
+def _merge_system(conversation) -> tuple[list[dict], int]:
+    """The messages with a leading system message folded into the first user one, roles checked, and
+    how many messages that folded away (errors number messages as the file does)."""
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+    shift = 0
     if messages and messages[0]["role"] == "system":
+        shift = 1
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise UserError("a system message must be followed by a user message")
         first = copy.deepcopy(messages[1])
@@ -245,10 +250,10 @@ def _merge_system(conversation) -> list[dict]:
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
             raise UserError(
-                f"message {i} is from {message['role']!r} but should be from {expected!r}: "
+                f"message {i + shift} is from {message['role']!r} but should be from {expected!r}: "
                 "messages alternate user/assistant after an optional leading system message"
             )
-    return messages
+    return messages, shift
 
 
 def cap_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:

@@ -134,7 +134,7 @@ def make_train_step(state: TrainState, mesh, compiler_options: dict | None = Non
     graphdef, tx = state.graphdef, state.tx
 
     def loss_fn(params, inputs, targets, scale):
-        loss = nnx.merge(graphdef, params).loss(inputs, targets)
+        loss = nnx.merge(graphdef, params).loss(inputs, targets, groups=mesh.size)  # one mean per device
         return loss * scale, loss
 
     def step(params, opt_state, inputs_ABT, targets_ABT):
@@ -173,10 +173,12 @@ def make_evaluator(graphdef, mesh, token_bytes, metric: str = "bpb"):
     sharding = batch_sharding(mesh)
 
     def evaluate(params, batches, progress: bool = False) -> float:
-        """progress: a bar on process 0 (with an ETA when `batches` has a length), cleared at the end."""
+        """progress: a bar on process 0 in a terminal (with an ETA when `batches` has a length), cleared
+        at the end."""
         nats, count = 0.0, 0
         quiet = not progress or jax.process_index() != 0
-        batches = tqdm(batches, desc=f"val {metric}", unit="batch", leave=False, disable=quiet)
+        # disable=None: no bar when stderr is not a terminal, where every redraw would pile up in the log
+        batches = tqdm(batches, desc=f"val {metric}", unit="batch", leave=False, disable=True if quiet else None)
         for inputs, targets in batches:
             x, y = (global_batch(a[None], sharding)[0] for a in (inputs, targets))
             n, c = sums(params, x, y)
@@ -326,6 +328,7 @@ def train(
     if run.resume_from_step >= 0:
         meta = ckpts.read_metadata(run.resume_from_step)
         check_compatible(meta, config, tokenizer, ckpts.step_dir(run.resume_from_step))
+        note_changed_settings(meta.get("user_config", {}), run.user_config, log)
         abstract_params, abstract_opt_state = abstract_targets(state)
         r = ckpts.restore(run.resume_from_step, params=abstract_params, opt_state=abstract_opt_state)
         state.params, state.opt_state, loader_state = r.params, r.opt_state, r.loader_state
@@ -475,12 +478,32 @@ def all_processes_state(state: dict) -> dict:
 def check_compatible(meta: dict, config: GPTConfig, tokenizer, where) -> None:
     """A checkpoint resumes only into the same model shape and tokenizer."""
     check_tokenizer(meta, tokenizer, where)
-    saved = GPTConfig(**meta["model_config"])
-    if saved != config:
+    saved, now = asdict(GPTConfig(**meta["model_config"])), asdict(config)
+    if saved != now:
+        diff = ", ".join(f"{k} {saved[k]} (this run: {now[k]})" for k in saved if saved[k] != now[k])
         raise UserError(
-            f"checkpoint {where} is for model {asdict(saved)}, not {asdict(config)}: "
-            "pass the same --depth/--aspect-ratio/--head-dim/--max-seq-len/--window-pattern or another --model-tag"
+            f"checkpoint {where} is for another model shape, {diff}: resume with the flags it was trained "
+            "with, or start a new run under another --model-tag"
         )
+
+
+# Flags that leave a resumed run's losses and weights as they would have been: where it saves and
+# reports, how it splits the batch over devices, and which base weights finetuning started from (a
+# resume takes its weights from the checkpoint).
+BOOKKEEPING_FLAGS = {
+    "base_dir", "run", "model_tag", "resume_from_step", "eval_every", "eval_tokens", "sample_every", "save_every",
+    "keep_checkpoints", "device_batch_size", "fsdp", "data_readers", "skip_bad_lines", "model_step",
+}  # fmt: skip
+
+
+def note_changed_settings(saved: dict, now: dict, log) -> None:
+    """Say which training settings a resume changes: the run goes on with them, but no longer as the
+    uninterrupted run would have (another batch size, learning rate, schedule length...)."""
+    changed = [
+        f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and k not in BOOKKEEPING_FLAGS and saved[k] != now[k]
+    ]
+    if changed:
+        log(f"note: resuming with settings the checkpoint was not trained with: {', '.join(changed)}")
 
 
 def check_tokenizer(meta: dict, tokenizer, where) -> None:

@@ -14,7 +14,7 @@ to <checkpoint dir>/report.md.
 import argparse
 from pathlib import Path
 
-from nanojax.common import UserError, cli, get_base_dir, positive_int
+from nanojax.common import UserError, cli, get_base_dir, nonnegative_int, positive_int
 
 
 def parse_args(argv=None):
@@ -23,7 +23,7 @@ def parse_args(argv=None):
     a("--model-tag", default=None, help="checkpoint folder name (default: the most recently written one)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
-    a("--eval-tokens", type=int, default=20 * 524288, help="validation tokens for bits per byte; 0 skips it")
+    a("--eval-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for bpb; 0 skips it")
     a("--device-batch-size", type=positive_int, default=32, help="validation rows per device per batch")
     a("--core-bundle", default=None, help="CORE task bundle directory (default <base_dir>/eval_bundle if present)")
     a("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
@@ -36,6 +36,8 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    if args.max_per_task == 0 or args.max_per_task < -1:
+        raise UserError(f"--max-per-task {args.max_per_task}: give a positive count, or -1 for all examples")
     import jax.numpy as jnp  # after --help
 
     from nanojax import core_eval, dataset, engine, train

@@ -14,7 +14,7 @@ in the engine, the call and its result shown inline (<|python_start|>12+30<|pyth
 
 import argparse
 
-from nanojax.common import UserError, cli, get_base_dir, positive_int, temperature
+from nanojax.common import UserError, cli, get_base_dir, nonnegative_int, positive_int, temperature
 
 QUIT, CLEAR = ("quit", "exit"), "clear"
 
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     a("-g", "--model-tag", default=None, help="checkpoint folder name (default: the most recently written one)")
     a("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("-t", "--temperature", type=temperature, default=0.6, help="sampling temperature; 0 is greedy")
-    a("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 for all")
+    a("-k", "--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens; 0 for all")
     a("--max-tokens", type=positive_int, default=256, help="at most this many tokens per answer")
     a("--seed", type=int, default=42, help="sampling seed (each turn adds its number)")
     a("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")

@@ -12,7 +12,7 @@ continue the prompt after <|bos|>; with --source sft the prompt is a user messag
 
 import argparse
 
-from nanojax.common import cli, get_base_dir, positive_int, temperature
+from nanojax.common import cli, get_base_dir, nonnegative_int, positive_int, temperature
 
 DEFAULT_PROMPTS = ["The capital of France is", "def main("]
 
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     a("--model-tag", default=None, help="checkpoint folder name (default: the most recently written one)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--temperature", type=temperature, default=0.6, help="sampling temperature; 0 is greedy")
-    a("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 for all")
+    a("--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens; 0 for all")
     a("--max-tokens", type=positive_int, default=128, help="tokens to generate per sample")
     a("--num-samples", type=positive_int, default=1, help="samples per prompt (sharing one prefill)")
     a("--seed", type=int, default=42, help="sampling seed")

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_base_eval.py
 
 import dataclasses
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -177,3 +178,32 @@ def test_bad_bundles(tmp_path, loaded, capsys):
     with pytest.raises(SystemExit):
         base_eval.main([f"--base-dir={tmp_path}"])
     assert "no checkpoints in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "task,line,message",
+    [("tiny_arc", '{"question": "q", "choices": ["a", "b"], "gold": 0}', 'needs "query", "choices", "gold"'),
+     ("tiny_arc", '{"query": "q", "choices": ["a", "b"], "gold": 7}', "gold index among them"),
+     ("tiny_winograd", '{"context_options": ["a", "b"], "gold": 0', "not JSON"),
+     ("tiny_lambada", '{"context": "a"}', 'needs "context", "continuation"')],
+)  # fmt: skip
+def test_a_bad_item_names_its_file_and_line(tmp_path, task, line, message):
+    shutil.copytree(BUNDLE, tmp_path / "b")
+    data = tmp_path / "b" / "eval_data" / f"{task}.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([*lines[:2], line, *lines[2:]]) + "\n")
+    with pytest.raises(UserError, match=f"{re.escape(str(data))}:3: .*{re.escape(message)}"):
+        core_eval.load_bundle(tmp_path / "b")
+
+
+def test_an_empty_task_or_an_impossible_baseline_is_refused(tmp_path):
+    shutil.copytree(BUNDLE, tmp_path / "b")
+    meta = tmp_path / "b" / "eval_meta_data.csv"
+    meta.write_text(meta.read_text().replace("tiny_winograd,language understanding,schema,1,50",
+                                             "tiny_winograd,language understanding,schema,1,100"))  # fmt: skip
+    with pytest.raises(UserError, match="tiny_winograd's random baseline 100.0 is not a percentage"):
+        core_eval.load_bundle(tmp_path / "b")
+    shutil.copy(BUNDLE / "eval_meta_data.csv", meta)
+    (tmp_path / "b" / "eval_data" / "tiny_lambada.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="CORE task tiny_lambada: .* holds no items"):
+        core_eval.load_bundle(tmp_path / "b")

@@ -80,13 +80,38 @@ def test_packing_keeps_conversations_whole(tok, tmp_path):
 
 
 def test_long_conversations_are_truncated_with_a_warning(tok, tmp_path):
-    long = [{"role": "user", "content": "alpha " * 50}, {"role": "assistant", "content": "beta " * 50}]
+    long = [{"role": "user", "content": "alpha " * 5}, {"role": "assistant", "content": "beta " * 50}]
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     logged = []
     path = write_lines(tmp_path / "long.jsonl", [short, long])
     convs = chat.read_conversations([path], tok, 33, log=logged.append)
     assert [len(t) for t in convs.tokens] == [len(tok.render_conversation(short)[0]), 33]
     assert any("truncated" in line for line in logged) and any(f"{path}:2:" in line for line in logged)
+
+
+def test_conversations_without_an_assistant_token_in_a_row_are_left_out(tok, tmp_path):
+    """A user turn that fills the row would train on nothing: left out, and refused if none is left."""
+    long_user = [{"role": "user", "content": "alpha " * 50}, {"role": "assistant", "content": "ok"}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    logged = []
+    convs = chat.read_conversations([write_lines(tmp_path / "a.jsonl", [long_user, short])], tok, 33, log=logged.append)
+    assert convs.sources == [f"{tmp_path / 'a.jsonl'}:2"]
+    assert any("left out 1" in line and "no assistant token" in line for line in logged)
+    with pytest.raises(UserError, match="no conversation .* has an assistant token .* raise --max-seq-len"):
+        chat.read_conversations([write_lines(tmp_path / "b.jsonl", [long_user] * 3)], tok, 33, log=logged.append)
+
+
+def test_a_byte_order_mark_is_read_and_messages_are_numbered_as_in_the_file(tok, tmp_path):
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\r\n")
+    assert len(chat.read_conversations([path], tok, 64)) == 1
+    system_first = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]  # fmt: skip
+    logged = []
+    with pytest.raises(UserError):
+        chat.read_conversations([write_lines(tmp_path / "s.jsonl", [system_first])], tok, 64, log=logged.append)
+    assert "message 2 is from 'user'" in "\n".join(logged)
 
 
 def test_malformed_lines_are_reported_with_line_numbers(tok, tmp_path):
@@ -197,8 +222,13 @@ def test_chat_session_answers_in_the_room_left(tok):
 
 
 @pytest.mark.parametrize("script", [chat_cli, sample])
-@pytest.mark.parametrize("value", ["-1", "nan", "warm"])
-def test_temperature_must_be_a_number_at_least_zero(script, value, capsys):
+@pytest.mark.parametrize(
+    "flag,message",
+    [*((f"--temperature={v}", f"must be a finite number >= 0 (0 is greedy), got '{v}'")
+       for v in ["-1", "nan", "inf", "warm"]),
+     ("--top-k=-5", "must be an integer >= 0, got '-5'")],
+)  # fmt: skip
+def test_sampling_settings_are_checked(script, flag, message, capsys):
     with pytest.raises(SystemExit):
-        script.parse_args([f"--temperature={value}"])
-    assert f"must be a number >= 0 (0 is greedy), got '{value}'" in capsys.readouterr().err
+        script.parse_args([flag])
+    assert message in capsys.readouterr().err

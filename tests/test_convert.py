@@ -96,6 +96,30 @@ def test_bad_input(reference_dir, tmp_path):
         from_nanochat_dir(src, tmp_path / "out")
 
 
+def test_a_damaged_file_or_a_taken_folder_is_refused(reference_dir, imported, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(reference_dir / "nanochat_checkpoint_a", src)
+    model_file = src / "model_000000.pt"
+    whole = model_file.read_bytes()
+    for damaged in (whole[: len(whole) // 2], os.urandom(4096)):
+        model_file.write_bytes(damaged)
+        with pytest.raises(UserError, match="not a readable PyTorch state dict .* copy it again") as e:
+            from_nanochat_dir(src, tmp_path / "out")
+        assert "weights_only" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+    model_file.write_bytes(whole)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file: give a folder"):
+        from_nanochat_dir(src, tmp_path / "file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    with pytest.raises(UserError, match="holds files that are not checkpoints"):
+        from_nanochat_dir(src, tmp_path / "notes")
+    # `imported` holds step 0 converted from the reference folder, not from this copy of it
+    with pytest.raises(UserError, match="holds checkpoints of another model"):
+        from_nanochat_dir(src, imported)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [([], "either SRC"), (["src"], "needs --out"), (["src", "--base-dir=b"], "either SRC"),

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from nanojax import dataset
+from nanojax.common import UserError
 from nanojax.engine import (
     Engine,
     bucket,
@@ -19,6 +20,7 @@ from nanojax.engine import (
     calculate,
     decode_chunk,
     decode_step,
+    find_checkpoint_dir,
     forward_cached,
     greedy,
     init_cache,
@@ -299,6 +301,12 @@ def test_sample_script_errors(trained, tmp_path, capsys, flags, message):
         sample.main([f"--base-dir={trained}", *flags])
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
+
+
+def test_a_tag_of_the_other_source_is_named_in_the_error(tmp_path):
+    (tmp_path / "base_checkpoints" / "t").mkdir(parents=True)
+    with pytest.raises(UserError, match="'t' is a base model: finetune it with scripts.chat_sft, or pass --source"):
+        find_checkpoint_dir(tmp_path, "sft", "t")
 
 
 def test_sample_script_refuses_a_long_prompt_before_echoing_it(trained, capsys):

@@ -72,13 +72,17 @@ def test_sft_starts_from_the_base_weights(base):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sft_resume_continues_exactly(base):
+def test_sft_resume_continues_exactly(base, capsys):
     flags = ["--num-iterations=6", "--save-every=3"]
     full = run_sft(base, "resume", *flags)
     folder = Path(full["checkpoint_dir"])
     assert Checkpoints(folder).steps() == [3, 6]
     shutil.rmtree(folder / "6")
-    resumed = run_sft(base, "resume", *flags, "--resume-from-step=3")
+    capsys.readouterr()
+    # A resume's weights come from its checkpoint: another --model-step is noted and changes nothing.
+    resumed = run_sft(base, "resume", *flags, "--resume-from-step=3", "--model-step=99")
+    assert "finetuned from base step 3; --model-step 99 is ignored" in capsys.readouterr().out
+    assert Checkpoints(folder).read_metadata()["user_config"]["base_checkpoint"].endswith("/3")
     assert resumed["history"].train_loss == full["history"].train_loss
     assert resumed["final_val_loss"] == full["final_val_loss"]
     for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"]), strict=True):

@@ -20,7 +20,14 @@ from nanojax.optim import Schedule, setup_groups
 from nanojax.pretrain import pretrain
 from nanojax.sharding import make_mesh, tree_shardings
 from nanojax.tokenizer import Tokenizer, tokenizer_dir
-from nanojax.train import OptimSettings, TrainState, init_state, make_train_step, platform_attention
+from nanojax.train import (
+    OptimSettings,
+    TrainState,
+    init_state,
+    make_train_step,
+    note_changed_settings,
+    platform_attention,
+)
 from scripts.pretrain import parse_args
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
@@ -75,6 +82,21 @@ def test_fused_loss_step_gives_the_reference_gradients_sharded(devices, fsdp):
         # A gradient read off as params - new params is resolved to an ulp of the params.
         resolution = 2 * np.spacing(np.abs(p).max())
         np.testing.assert_allclose(g, w, atol=1e-6 * float(np.abs(w).max()) + resolution, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_chunk", [None, 40])
+def test_masked_loss_is_the_same_on_any_number_of_devices(loss_chunk):
+    """Finetuning rows hold different numbers of targets. As nanochat averages one mean per GPU, the step
+    takes one mean per device: 8 devices of a row each give the gradients of 8 micro-steps on one."""
+    x, y = batch(1, 1, 8)
+    drop = np.random.default_rng(0).random(y.shape) < np.linspace(0.1, 0.9, 8)[None, :, None]
+    y = jnp.where(drop, -1, y)
+    one = make_mesh(1)
+    want = step_gradients(sgd_state(one, loss_chunk=loss_chunk), one, x.reshape(8, 1, 16), y.reshape(8, 1, 16))
+    eight = make_mesh(8)
+    got = step_gradients(sgd_state(eight, loss_chunk=loss_chunk), eight, x, y)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6)
 
 
 OPTIM = OptimSettings(setup_groups(64, weight_decay=0.1), Schedule(10))
@@ -137,6 +159,18 @@ def run(base, *extra):
     return pretrain(parse_args([*TINY_RUN, f"--base-dir={base}", *extra]), base, ["alpha"])[0]
 
 
+def test_a_resume_names_the_training_settings_it_changes():
+    logged = []
+    saved = {"total_batch_size": 2048, "matrix_lr": 0.02, "save_every": 5, "device_batch_size": 1, "data": ["a"]}
+    note_changed_settings(saved, saved | {"save_every": 10, "device_batch_size": 2}, logged.append)
+    assert logged == []  # where it saves and how it splits a batch leave the run as it was
+    note_changed_settings(saved, saved | {"total_batch_size": 4096, "matrix_lr": 0.03}, logged.append)
+    assert logged == [
+        "note: resuming with settings the checkpoint was not trained with: total_batch_size 2048 -> 4096, "
+        "matrix_lr 0.02 -> 0.03"
+    ]
+
+
 def test_loss_falls_and_report_is_written(tiny_base):
     s = run(tiny_base, "--num-iterations=30", "--model-tag=falls", "--embedding-lr=0.5", "--matrix-lr=0.05")
     losses = [loss for _, loss in s["history"].train_loss]
@@ -179,7 +213,7 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
     run(tiny_base, "--num-iterations=1", "--model-tag=bad")
     with pytest.raises(UserError, match="no checkpoint for step 7"):
         run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=7")
-    with pytest.raises(UserError, match="is for model"):
+    with pytest.raises(UserError, match="another model shape, n_layer 2 \\(this run: 3\\)"):
         run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1", "--depth=3")
     reversed_docs = ["".join(reversed(d)) for d in dataset.iter_documents([str(tiny_base / "docs")])]
     other = Tokenizer.train(reversed_docs, 300)  # same vocabulary size, other merges
