@@ -10,11 +10,10 @@ fit crops the rest away) and the time to resume from a saved state.
 """
 
 import argparse
-import os
-import platform
 import threading
 import time
 
+from benchmarks import machine
 from nanojax import dataset, tokenizer
 from nanojax.common import cli
 from nanojax.loader import make_loader
@@ -36,14 +35,6 @@ class CountingTokenizer:
         with self._lock:
             self.count += sum(map(len, ids))
         return ids
-
-
-def machine() -> str:
-    name = platform.processor()
-    if not name and os.path.exists("/proc/cpuinfo"):  # Linux leaves processor() empty
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{name or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
 
 
 @cli

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.data_throughput import machine
+from benchmarks import machine
 from benchmarks.train_throughput import comma_list
 from nanojax.common import cli, positive_int
 from nanojax.engine import Engine

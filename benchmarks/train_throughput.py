@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.data_throughput import machine
+from benchmarks import machine
 from nanojax.common import cli, is_out_of_memory, positive_int
 from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
