@@ -49,6 +49,13 @@ def _int_at_least(text: str, least: int, what: str) -> int:
     return value
 
 
+def model_tag(text: str) -> str:
+    """An argparse type for --model-tag: one folder name inside the checkpoints folder, never a path out of it."""
+    if text in ("", ".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"must be a folder name (no '/', not '.' or '..'), got {text!r}")
+    return text
+
+
 def temperature(text: str) -> float:
     """An argparse type for a sampling temperature: a number >= 0 (0 is greedy)."""
     try:

@@ -8,15 +8,17 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def num(v, fmt="{:,.4f}") -> str:
+    """A figure, or n/a where there is none (no evaluation, no steady step, no known peak)."""
+    return "n/a" if v is None else fmt.format(v)
+
+
 def write_report(folder, summary: dict, title: str = "nanojax training report") -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     history = summary["history"]
     metric = summary["eval_metric"]  # bpb, or loss for finetuning (train.RunConfig.eval_metric)
     plot_losses(folder / "loss.png", history.train_loss, getattr(history, f"val_{metric}"), VAL_LABELS[metric])
-
-    def num(v, fmt="{:,.4f}"):
-        return "n/a" if v is None else fmt.format(v)
 
     lines = [
         f"# {title}",
@@ -28,7 +30,7 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
         f"| FLOPs per token | {summary['flops_per_token']:.3e} |",
         f"| tokens trained | {summary['tokens']:,} |",
         f"| training time | {summary['training_time_s']:.1f} s (steady steps, compilation excluded) |",
-        f"| tokens/s | {summary['tokens_per_s']:,.0f} |",
+        f"| tokens/s | {num(summary['tokens_per_s'], '{:,.0f}')} |",
         f"| MFU | {num(summary['mfu'], '{:.1f}%')} |",
         f"| peak memory | {summary['peak_memory_bytes'] / 2**20:,.0f} MiB |",
         f"| devices | {summary['devices']} |",

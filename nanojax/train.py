@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nanojax import __version__
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import UserError
+from nanojax.common import UserError, a_few
 from nanojax.evaluate import bits_per_byte, bpb_sums
 from nanojax.model import GPT, GPTConfig
 from nanojax.optim import Group, Schedule, build_optimizer
@@ -321,7 +321,7 @@ def train(
     metric = f"val_{run.eval_metric}"  # val_bpb or val_loss: the History field and the saved keys
     step, loop, loader_state = (
         0,
-        {f"min_{metric}": None, "smooth_train_loss": 0.0, "total_training_time": 0.0},
+        {f"min_{metric}": None, "smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0},
         None,
     )
     history = History()
@@ -333,6 +333,7 @@ def train(
         r = ckpts.restore(run.resume_from_step, params=abstract_params, opt_state=abstract_opt_state)
         state.params, state.opt_state, loader_state = r.params, r.opt_state, r.loader_state
         step, loop = r.step, r.metadata["loop_state"]
+        loop.setdefault("timed_steps", max(step - 1, 0))  # checkpoints from before the count was kept
         history = History(**{k: [tuple(x) for x in v] for k, v in loop.pop("history", {}).items()})
         log(f"resumed from {ckpts.step_dir(step)} at step {step}")
 
@@ -379,6 +380,7 @@ def train(
     val, t_start = None, time.perf_counter()
     timer.tick()
     x, y = stack_micro_batches(loader, accum)
+    first_step = step + 1  # mostly compilation, in a fresh run and in a resumed one: not timed
     try:
         while step < run.num_iterations:
             params, opt_state, losses = step_fn(params, opt_state, global_batch(x, sharding), global_batch(y, sharding))
@@ -393,18 +395,20 @@ def train(
                     f"loss became {loss} at step {step}; the last good checkpoint is kept in {run.checkpoint_dir}: "
                     "lower the learning rates (--matrix-lr, --embedding-lr) or resume from it"
                 )
-            if step > 1:  # the first step is mostly compilation
+            if step > first_step:
                 loop["total_training_time"] += dt
+                loop["timed_steps"] += 1
             smooth = timer.update(loss)
             loop["smooth_train_loss"] = timer.smooth_loss
             history.train_loss.append((step, smooth))
-            steady = loop["total_training_time"] / max(step - 1, 1)
+            timed = loop["timed_steps"]
+            eta = fmt_time(loop["total_training_time"] / timed * (run.num_iterations - step)) if timed else "n/a"
             lrm = float(run.optim.schedule.lr_multiplier(step - 1)) if run.optim.schedule else 1.0
             mfu = f"{100 * flops_per_step / dt / (peak * dp):.1f}%" if peak else "n/a"
             log(f"step {step:05d}/{run.num_iterations:05d} ({100 * step / run.num_iterations:.1f}%) | "
                 f"loss {smooth:.6f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {run.total_batch_size / dt:,.0f} | "
                 f"mfu {mfu} | epoch {loader.epoch} | elapsed {fmt_time(time.perf_counter() - t_start)} | "
-                f"eta {fmt_time(steady * (run.num_iterations - step))}")  # fmt: skip
+                f"eta {eta}")  # fmt: skip
 
             if on_metrics:
                 on_metrics(step, {"loss": smooth, "lrm": lrm, "dt": dt, "tok_per_s": run.total_batch_size / dt})
@@ -433,12 +437,13 @@ def train(
             ckpts.close()  # waits for pending saves: whatever ends the run, a checkpoint being written is kept
 
     tokens = run.total_batch_size * run.num_iterations
-    steady_tok_s = run.total_batch_size * max(run.num_iterations - 1, 1) / max(loop["total_training_time"], 1e-9)
+    timed = loop["timed_steps"]  # none in a one-step run: no steady rate to report
+    steady_tok_s = run.total_batch_size * timed / loop["total_training_time"] if timed else None
     return {
         "model_config": asdict(config), "num_params": shapes.num_params(), "tokens": tokens,
         "num_scaling_params": shapes.num_scaling_params(), "flops_per_token": shapes.flops_per_token(),
         "training_time_s": loop["total_training_time"], "tokens_per_s": steady_tok_s,
-        "mfu": 100 * flops_per_step * steady_tok_s / run.total_batch_size / (peak * dp) if peak else None,
+        "mfu": 100 * flops_per_step * steady_tok_s / run.total_batch_size / (peak * dp) if peak and timed else None,
         "peak_memory_bytes": peak_memory_bytes(), "eval_metric": run.eval_metric,
         f"min_{metric}": loop[f"min_{metric}"], f"final_{metric}": val,
         "final_loss": history.train_loss[-1][1] if history.train_loss else None, "history": history,
@@ -447,9 +452,20 @@ def train(
     }  # fmt: skip
 
 
+def is_run_file(path: Path) -> bool:
+    """What a run writes in its folder: step directories (and Orbax's temporaries of them), the report."""
+    return path.name.split(".", 1)[0].isdigit() or path.name in ("report.md", "loss.png")
+
+
 def set_aside_previous_run(folder: Path, log) -> None:
-    """A fresh run in a folder holding another run's checkpoints renames that folder: nothing is lost."""
+    """A fresh run in a folder holding another run's checkpoints renames that folder: nothing is lost.
+    A folder holding anything else is not a run's: it is refused, never moved."""
     if jax.process_index() == 0 and folder.is_dir() and any(folder.iterdir()):
+        foreign = [p.name for p in folder.iterdir() if not is_run_file(p)]
+        if foreign:
+            raise UserError(
+                f"{folder} holds files that no run wrote ({a_few(sorted(foreign))}): pick another --model-tag"
+            )
         aside = folder.with_name(f"{folder.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}")
         folder.rename(aside)
         log(f"{folder} held an earlier run: moved it to {aside}")

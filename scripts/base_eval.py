@@ -14,13 +14,13 @@ to <checkpoint dir>/report.md.
 import argparse
 from pathlib import Path
 
-from nanojax.common import UserError, cli, get_base_dir, nonnegative_int, positive_int
+from nanojax.common import UserError, cli, get_base_dir, model_tag, nonnegative_int, positive_int
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model-tag", default=None, help="checkpoint folder name (default: the most recently written one)")
+    a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
     a("--eval-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for bpb; 0 skips it")

@@ -14,7 +14,7 @@ in the engine, the call and its result shown inline (<|python_start|>12+30<|pyth
 
 import argparse
 
-from nanojax.common import UserError, cli, get_base_dir, nonnegative_int, positive_int, temperature
+from nanojax.common import UserError, cli, get_base_dir, model_tag, nonnegative_int, positive_int, temperature
 
 QUIT, CLEAR = ("quit", "exit"), "clear"
 
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("-p", "--prompt", default=None, help="answer this one message and exit (no interactive session)")
     a("-i", "--source", choices=["sft", "base"], default="sft", help="chatsft_checkpoints or base_checkpoints")
-    a("-g", "--model-tag", default=None, help="checkpoint folder name (default: the most recently written one)")
+    a("-g", "--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("-t", "--temperature", type=temperature, default=0.6, help="sampling temperature; 0 is greedy")
     a("-k", "--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens; 0 for all")

@@ -15,7 +15,7 @@ whole into rows of --max-seq-len tokens and the loss counts the assistant's toke
 import argparse
 from pathlib import Path
 
-from nanojax.common import add_compute_flags, cli, get_base_dir, positive_int
+from nanojax.common import add_compute_flags, cli, get_base_dir, model_tag, positive_int
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["What is 12+30?", "How many 'r' are in 'strawberry'?", "Hi!"]
@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     g = p.add_argument_group("base model")
-    g.add_argument("--model-tag", default=None, help="base checkpoint folder, also the SFT one (default: the latest)")
+    g.add_argument("--model-tag", type=model_tag, default=None,
+                   help="base checkpoint folder, also the SFT one (default: the latest)")  # fmt: skip
     g.add_argument("--model-step", "--step", type=int, default=None, help="base checkpoint step (default: latest)")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help="conversation JSONL files, folders or globs (default: "
@@ -72,11 +73,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     initialize_distributed()
+    from nanojax.report import num
     from nanojax.sft import sft  # imports jax: after the distributed start-up
 
     summary, report = sft(args, get_base_dir(args.base_dir), PROMPTS)
-    print(f"val loss {summary['final_val_loss']:.4f} (assistant tokens) | {summary['tokens_per_s']:,.0f} tok/s | "
-          f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip
+    print(f"val loss {summary['final_val_loss']:.4f} (assistant tokens) | {num(summary['tokens_per_s'], '{:,.0f}')} "
+          f"tok/s | peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip
     print(f"checkpoints: {summary['checkpoint_dir']}\nreport: {report}\nloss curve: {Path(report).parent / 'loss.png'}")
 
 

@@ -12,7 +12,7 @@ Checkpoints, report.md and loss.png go to <base_dir>/base_checkpoints/<model tag
 import argparse
 from pathlib import Path
 
-from nanojax.common import add_compute_flags, cli, get_base_dir, positive_int
+from nanojax.common import add_compute_flags, cli, get_base_dir, model_tag, positive_int
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["The capital of France is", "def main(", "import ", "If yesterday was Friday, then tomorrow will be"]
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's checkpoint")
-    g.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
+    g.add_argument("--model-tag", type=model_tag, default=None, help="checkpoint folder name (default d<depth>)")
     g = p.add_argument_group("run")
     a("--run", default="dummy", help="Weights & Biases run name (needs `pip install wandb`); 'dummy' disables logging")
     a("--data", nargs="+", default=None, help="your text: files, folders or globs (default: the base dir's shards)")
@@ -77,10 +77,11 @@ def main(argv=None):
     args = parse_args(argv)
     initialize_distributed()
     from nanojax.pretrain import pretrain  # imports jax: after the distributed start-up
+    from nanojax.report import num
 
     base_dir = get_base_dir(args.base_dir)
     summary, report = pretrain(args, base_dir, PROMPTS)
-    print(f"val bpb {summary['final_val_bpb']:.4f} | {summary['tokens_per_s']:,.0f} tok/s | "
+    print(f"val bpb {summary['final_val_bpb']:.4f} | {num(summary['tokens_per_s'], '{:,.0f}')} tok/s | "
           f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip
     print(f"checkpoints: {summary['checkpoint_dir']}\nreport: {report}\nloss curve: {Path(report).parent / 'loss.png'}")
 

@@ -12,7 +12,7 @@ continue the prompt after <|bos|>; with --source sft the prompt is a user messag
 
 import argparse
 
-from nanojax.common import cli, get_base_dir, nonnegative_int, positive_int, temperature
+from nanojax.common import cli, get_base_dir, model_tag, nonnegative_int, positive_int, temperature
 
 DEFAULT_PROMPTS = ["The capital of France is", "def main("]
 
@@ -22,7 +22,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--prompt", action="append", default=None, help=f"text to complete; repeatable (default {DEFAULT_PROMPTS})")
     a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
-    a("--model-tag", default=None, help="checkpoint folder name (default: the most recently written one)")
+    a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--temperature", type=temperature, default=0.6, help="sampling temperature; 0 is greedy")
     a("--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens; 0 for all")

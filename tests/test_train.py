@@ -174,6 +174,18 @@ def test_a_resume_names_the_training_settings_it_changes():
     ]
 
 
+def test_a_fresh_run_moves_only_a_runs_folder_aside(tiny_base, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([*TINY_RUN, "--model-tag=../tokenizer"])
+    assert "--model-tag: must be a folder name" in capsys.readouterr().err
+    notes = tiny_base / "base_checkpoints" / "notes"
+    notes.mkdir(parents=True)
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files that no run wrote \\(todo.txt\\): pick another --model-tag"):
+        run(tiny_base, "--num-iterations=1", "--model-tag=notes")
+    assert (notes / "todo.txt").read_text() == "mine"
+
+
 def test_loss_falls_and_report_is_written(tiny_base):
     s = run(tiny_base, "--num-iterations=30", "--model-tag=falls", "--embedding-lr=0.5", "--matrix-lr=0.05")
     losses = [loss for _, loss in s["history"].train_loss]
@@ -191,6 +203,8 @@ def test_resume_continues_exactly(tiny_base):
     shutil.rmtree(folder / "6")
     resumed = run(tiny_base, "--num-iterations=6", "--save-every=3", "--model-tag=resume", "--resume-from-step=3")
     assert resumed["history"].train_loss == full["history"].train_loss
+    # Steps timed: 2-3 before the resume and 5-6 after; each start's first step is mostly compilation.
+    assert Checkpoints(folder).read_metadata(6)["loop_state"]["timed_steps"] == 4
     for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -213,7 +227,8 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
         run(tiny_base, "--num-iterations=1", "--total-batch-size=500")
     with pytest.raises(UserError, match="needs an NVIDIA GPU"):
         run(tiny_base, "--num-iterations=1", "--attention=cudnn")
-    run(tiny_base, "--num-iterations=1", "--model-tag=bad")
+    one_step = run(tiny_base, "--num-iterations=1", "--model-tag=bad")
+    assert one_step["tokens_per_s"] is None  # only its first step, compilation: no steady rate
     with pytest.raises(UserError, match="no checkpoint for step 7"):
         run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=7")
     with pytest.raises(UserError, match="another model shape, n_layer 2 \\(this run: 3\\)"):
