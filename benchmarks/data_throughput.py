@@ -15,7 +15,7 @@ import time
 
 from benchmarks import machine
 from nanojax import dataset, tokenizer
-from nanojax.common import cli
+from nanojax.common import HelpFormatter, cli
 from nanojax.loader import make_loader
 
 
@@ -39,7 +39,7 @@ class CountingTokenizer:
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--base-dir", help="data and tokenizer root (default: $NANOJAX_BASE_DIR or ~/.cache)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per row (T)")
     parser.add_argument("--device-batch-size", type=int, default=8, help="rows per batch")

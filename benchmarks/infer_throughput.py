@@ -20,7 +20,7 @@ from flax import nnx
 
 from benchmarks import machine
 from benchmarks.train_throughput import comma_list
-from nanojax.common import cli, positive_int
+from nanojax.common import HelpFormatter, cli, positive_int
 from nanojax.engine import Engine
 from nanojax.model import GPT, config_from_depth
 
@@ -40,7 +40,7 @@ def time_generate(engine: Engine, prompt, batch: int, max_tokens: int, top_k: in
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--depth", type=positive_int, default=4, help="transformer layers")
     parser.add_argument("--aspect-ratio", type=positive_int, default=32, help="model_dim = depth x aspect ratio")
     parser.add_argument("--head-dim", type=positive_int, default=64, help="attention head width")

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from benchmarks import machine
-from nanojax.common import cli, is_out_of_memory, positive_int
+from nanojax.common import HelpFormatter, cli, is_out_of_memory, positive_int
 from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.sharding import make_mesh
@@ -98,7 +98,7 @@ def time_parts(state, x_BT, y_BT, steps, warmup) -> tuple[float, float]:
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--depth", type=positive_int, default=4, help="transformer layers")
     parser.add_argument("--aspect-ratio", type=positive_int, default=32, help="model_dim = depth x aspect ratio")
     parser.add_argument("--head-dim", type=positive_int, default=64, help="attention head width")

@@ -15,11 +15,28 @@ class UserError(Exception):
     """Bad input from the user: printed as one line naming the problem and the fix, no traceback."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the description as written, and each flag's default where it has a value."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or unset or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
     """--base-dir, else $NANOJAX_BASE_DIR, else ~/.cache/nanojax (created if missing)."""
     path = Path(base_dir or os.environ.get("NANOJAX_BASE_DIR") or Path.home() / ".cache" / "nanojax")
     path = path.expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only place
+        raise UserError(
+            f"can't use {path} as the base dir ({e.strerror}): pass a --base-dir (or $NANOJAX_BASE_DIR) that is "
+            "a folder you can write"
+        ) from None
     return path
 
 
@@ -37,6 +54,11 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """An argparse type for counts where 0 means none, or all (top-k)."""
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def every_steps(text: str) -> int:
+    """An argparse type for --eval-every and the like: a step interval, or -1 for only at the end."""
+    return -1 if text.strip() == "-1" else _int_at_least(text, 1, "a positive step interval, or -1 for the end only")
 
 
 def _int_at_least(text: str, least: int, what: str) -> int:
@@ -84,8 +106,8 @@ def add_compute_flags(parser) -> None:
 
 
 def cli(main):
-    """Wrap a script's main so that a UserError, running out of device memory and Ctrl-C each exit
-    with one line."""
+    """Wrap a script's main so that a UserError, a file system error (a --base-dir that can't be created,
+    a full disk), running out of device memory and Ctrl-C each exit with one line."""
 
     @wraps(main)
     def run(*args, **kwargs):
@@ -97,6 +119,9 @@ def cli(main):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except OSError as e:  # names the path and the reason: "[Errno 28] No space left on device: '...'"
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise

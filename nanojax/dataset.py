@@ -102,8 +102,8 @@ def resolve_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
 def iter_documents(sources: Iterable[str | os.PathLike], skipped: list | None = None) -> Iterator[str]:
     """The documents of files, folders and globs (checked now, read lazily).
 
-    Files that are not UTF-8 text are skipped and appended to `skipped`; if no file held any text,
-    iterating raises UserError.
+    Files that are not UTF-8 text are skipped and appended to `skipped`, blank documents left out; if no
+    file held any text, iterating raises UserError.
     """
     sources = list(sources)
     files = resolve_files(sources)
@@ -113,8 +113,9 @@ def iter_documents(sources: Iterable[str | os.PathLike], skipped: list | None = 
         num_docs = 0
         for path in files:
             for doc in _read_file(path, skipped):
-                num_docs += 1
-                yield doc
+                if doc.strip():  # a blank document has nothing to learn from
+                    num_docs += 1
+                    yield doc
         if num_docs == 0:
             raise UserError(
                 f"no UTF-8 text in {a_few(sources)}: of its {len(files)} file(s), {len(skipped)} are binary "

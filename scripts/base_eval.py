@@ -14,11 +14,11 @@ to <checkpoint dir>/report.md.
 import argparse
 from pathlib import Path
 
-from nanojax.common import UserError, cli, get_base_dir, model_tag, nonnegative_int, positive_int
+from nanojax.common import HelpFormatter, UserError, cli, get_base_dir, model_tag, nonnegative_int, positive_int
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")

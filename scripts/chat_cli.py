@@ -14,13 +14,22 @@ in the engine, the call and its result shown inline (<|python_start|>12+30<|pyth
 
 import argparse
 
-from nanojax.common import UserError, cli, get_base_dir, model_tag, nonnegative_int, positive_int, temperature
+from nanojax.common import (
+    HelpFormatter,
+    UserError,
+    cli,
+    get_base_dir,
+    model_tag,
+    nonnegative_int,
+    positive_int,
+    temperature,
+)
 
 QUIT, CLEAR = ("quit", "exit"), "clear"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("-p", "--prompt", default=None, help="answer this one message and exit (no interactive session)")
     a("-i", "--source", choices=["sft", "base"], default="sft", help="chatsft_checkpoints or base_checkpoints")

@@ -15,14 +15,14 @@ whole into rows of --max-seq-len tokens and the loss counts the assistant's toke
 import argparse
 from pathlib import Path
 
-from nanojax.common import add_compute_flags, cli, get_base_dir, model_tag, positive_int
+from nanojax.common import HelpFormatter, add_compute_flags, cli, every_steps, get_base_dir, model_tag, positive_int
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["What is 12+30?", "How many 'r' are in 'strawberry'?", "Hi!"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     g = p.add_argument_group("base model")
     g.add_argument("--model-tag", type=model_tag, default=None,
@@ -52,12 +52,12 @@ def parse_args(argv=None):
     g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps warming the lr up")
     g.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of steps decaying the lr at the end")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier reached at the last step")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier the warmdown ends at")
     g = p.add_argument_group("evaluation, sampling, checkpoints")
-    g.add_argument("--eval-every", type=int, default=200, help="val loss every N steps (and at the end); -1: end only")
-    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="at most this many held-out tokens")
-    g.add_argument("--sample-every", type=int, default=-1, help="greedy answers every N steps (and at the end)")
-    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    g.add_argument("--eval-every", type=every_steps, default=200, help="val loss every N steps and at the end")
+    g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="at most this many held-out tokens")
+    g.add_argument("--sample-every", type=every_steps, default=-1, help="answers every N steps and at the end")
+    g.add_argument("--save-every", type=every_steps, default=-1, help="save every N steps and at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's SFT checkpoint")
     g = p.add_argument_group("run")

@@ -15,11 +15,11 @@ result samples and evaluates but does not resume training.
 
 import argparse
 
-from nanojax.common import cli, get_base_dir
+from nanojax.common import HelpFormatter, cli, get_base_dir
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("src", nargs="?", help="a nanochat checkpoint directory; with --to-nanochat a nanojax checkpoint folder")
     a("--out", default=None, help="the nanojax checkpoint folder to write (with --to-nanochat: the nanochat "

@@ -11,11 +11,11 @@ same seed gives the same file. One conversation per line, in nanochat's format.
 import argparse
 
 from nanojax import chat
-from nanojax.common import cli, get_base_dir
+from nanojax.common import HelpFormatter, cli, get_base_dir
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--num", type=int, default=chat.DEFAULT_COUNT, help="how many conversations")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--output", default=None, help="JSONL file (default <base_dir>/chat_data/synthetic.jsonl)")

@@ -10,12 +10,12 @@ or the set yields no check at all.
 import argparse
 import sys
 
-from nanojax.common import cli
+from nanojax.common import HelpFormatter, cli
 
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--vectors", help="a reference set's json (its npz files beside it)")
     what.add_argument("--trajectory", help="a folder with trajectory.json, init.npz and batches.npz")

@@ -9,13 +9,13 @@ Re-running is safe: finished work is skipped and an interrupted download resumes
 
 import argparse
 
-from nanojax.common import cli
+from nanojax.common import HelpFormatter, cli
 from nanojax.dataset import FINEWEB_URL, SHARD_CHARS, list_shards, prepare_data
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--source",
         nargs="+",

@@ -12,14 +12,14 @@ Checkpoints, report.md and loss.png go to <base_dir>/base_checkpoints/<model tag
 import argparse
 from pathlib import Path
 
-from nanojax.common import add_compute_flags, cli, get_base_dir, model_tag, positive_int
+from nanojax.common import HelpFormatter, add_compute_flags, cli, every_steps, get_base_dir, model_tag, positive_int
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["The capital of France is", "def main(", "import ", "If yesterday was Friday, then tomorrow will be"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=positive_int, default=20, help="number of transformer layers")
@@ -48,12 +48,12 @@ def parse_args(argv=None):
     g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps warming the lr up")
     g.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of steps decaying the lr at the end")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier reached at the last step")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier the warmdown ends at")
     g = p.add_argument_group("evaluation, sampling, checkpoints")
-    g.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); -1: end only")
-    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
-    g.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the end)")
-    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    g.add_argument("--eval-every", type=every_steps, default=250, help="val bpb every N steps and at the end")
+    g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="validation tokens per evaluation")
+    g.add_argument("--sample-every", type=every_steps, default=2000, help="samples every N steps and at the end")
+    g.add_argument("--save-every", type=every_steps, default=-1, help="save every N steps and at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's checkpoint")
     g.add_argument("--model-tag", type=model_tag, default=None, help="checkpoint folder name (default d<depth>)")

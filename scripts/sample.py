@@ -12,13 +12,13 @@ continue the prompt after <|bos|>; with --source sft the prompt is a user messag
 
 import argparse
 
-from nanojax.common import cli, get_base_dir, model_tag, nonnegative_int, positive_int, temperature
+from nanojax.common import HelpFormatter, cli, get_base_dir, model_tag, nonnegative_int, positive_int, temperature
 
 DEFAULT_PROMPTS = ["The capital of France is", "def main("]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--prompt", action="append", default=None, help=f"text to complete; repeatable (default {DEFAULT_PROMPTS})")
     a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")

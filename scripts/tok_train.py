@@ -10,7 +10,7 @@ shard, or with --data the documents after the training text.
 import argparse
 import time
 
-from nanojax.common import UserError, a_few, cli, positive_int
+from nanojax.common import HelpFormatter, UserError, a_few, cli, positive_int
 from nanojax.dataset import ensure_data, iter_documents, list_shards
 from nanojax.tokenizer import META_FILE, Tokenizer, cap_documents, tokenizer_dir
 
@@ -19,7 +19,7 @@ EVAL_CHARS = 1_000_000  # held-out text for the compression figure
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = parser.add_argument
     a("--vocab-size", type=positive_int, default=8192, help="vocabulary incl. 9 special tokens (8192)")
     a("--max-chars", type=positive_int, default=10_000_000, help="characters to train on (10,000,000)")

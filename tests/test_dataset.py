@@ -93,6 +93,7 @@ def test_sources_mix_files_and_globs(user_folder):
         ({"x.parquet": b"PAR1 not really"}, "x.parquet", "cannot read"),
         ({"x.jsonl": b'{"text": "ok"}\nnot json\n'}, "x.jsonl", "x.jsonl:2"),
         ({"x.jsonl": b'{"body": "a"}\n'}, "x.jsonl", "text field"),
+        ({"x.jsonl": b'{"text": ""}\n{"text": "  \\n"}\n'}, "x.jsonl", "no UTF-8 text"),
     ],
 )
 def test_bad_sources_name_the_path(tmp_path, files, source, error):
@@ -177,6 +178,11 @@ def test_ensure_data_prepares_the_stdlib_corpus(tmp_path):
 def test_prepare_data_script(user_folder, tmp_path, capsys):
     prepare_data_script.main(["--source", str(user_folder), "--base-dir", str(tmp_path / "base")])
     assert "shard_00001.parquet, is validation" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        prepare_data_script.main(["--source", str(user_folder), "--base-dir", str(tmp_path / "a_file")])
+    err = capsys.readouterr().err
+    assert "can't use" in err and "as the base dir (File exists)" in err and err.count("\n") == 1
 
 
 # ---- FineWeb download, from a server on 127.0.0.1

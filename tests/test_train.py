@@ -174,6 +174,26 @@ def test_a_resume_names_the_training_settings_it_changes():
     ]
 
 
+@pytest.mark.parametrize(
+    "flag,message",
+    [("--eval-every=0", "must be a positive step interval, or -1 for the end only"),
+     ("--save-every=-2", "must be a positive step interval"), ("--eval-tokens=0", "must be a positive integer")],
+)  # fmt: skip
+def test_intervals_and_counts_are_checked(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([flag])
+    assert message in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tokens per optimizer step (grad accumulation) (default: 524288)" in text
+    assert "lr multiplier the warmdown ends at (default: 0.0)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
 def test_a_fresh_run_moves_only_a_runs_folder_aside(tiny_base, capsys):
     with pytest.raises(SystemExit):
         parse_args([*TINY_RUN, "--model-tag=../tokenizer"])
