@@ -15,7 +15,7 @@ import time
 
 from benchmarks import machine
 from nanojax import dataset, tokenizer
-from nanojax.common import HelpFormatter, cli
+from nanojax.common import HelpFormatter, cli, positive_int
 from nanojax.loader import make_loader
 
 
@@ -40,11 +40,12 @@ class CountingTokenizer:
 @cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--base-dir", help="data and tokenizer root (default: $NANOJAX_BASE_DIR or ~/.cache)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row (T)")
-    parser.add_argument("--device-batch-size", type=int, default=8, help="rows per batch")
-    parser.add_argument("--num-batches", type=int, default=300, help="batches timed after the first")
-    parser.add_argument("--buffer-size", type=int, default=1000, help="documents the best fit chooses from")
+    parser.add_argument("--base-dir", help="data and tokenizer root (default $NANOJAX_BASE_DIR, else ~/.cache/nanojax)")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per row (T)")
+    parser.add_argument("--device-batch-size", type=positive_int, default=8, help="rows per batch")
+    parser.add_argument("--num-batches", type=positive_int, default=300,
+                        help="batches timed after the first; under ~100 time mostly the read-ahead")  # fmt: skip
+    parser.add_argument("--buffer-size", type=positive_int, default=1000, help="documents the best fit chooses from")
     parser.add_argument("--num-threads", type=int, default=None, help="tokenizing threads (default: CPUs)")
     parser.add_argument("--crop-long-docs", action="store_true", help="nanochat's packing: long documents keep one row")
     args = parser.parse_args()

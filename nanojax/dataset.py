@@ -200,6 +200,8 @@ def prepare_data(
     the last ~shard. seed: shuffles the stdlib files and draws the held-out documents.
     """
     sources = [source] if isinstance(source, str | os.PathLike) else list(source)
+    if len(sources) > 1 and {"stdlib", "fineweb"} & set(map(str, sources)):
+        raise UserError("'stdlib' and 'fineweb' are whole corpora: give one of them alone, or files, folders and globs")
     fineweb = sources == ["fineweb"]
     if fineweb:
         if num_shards < 2:
@@ -212,7 +214,7 @@ def prepare_data(
         request = {"source": [str(p.resolve()) for p in resolve_files(sources)], "options": {}}
     if not fineweb:
         if val_fraction is not None and not 0 < val_fraction < 1:
-            raise UserError(f"--val-fraction {val_fraction} must be between 0 and 1")
+            raise UserError(f"--val-fraction {val_fraction} must be above 0 and below 1")
         request["options"].update(val_fraction=val_fraction, shard_chars=shard_chars, seed=seed)
 
     folder = data_dir(base_dir)

@@ -9,7 +9,7 @@ Re-running is safe: finished work is skipped and an interrupted download resumes
 
 import argparse
 
-from nanojax.common import HelpFormatter, cli
+from nanojax.common import HelpFormatter, cli, positive_int
 from nanojax.dataset import FINEWEB_URL, SHARD_CHARS, list_shards, prepare_data
 
 
@@ -27,9 +27,9 @@ def main(argv=None):
     parser.add_argument(
         "-n",
         "--num-shards",
-        type=int,
+        type=positive_int,
         default=8,
-        help="fineweb: shards to download (default 8, ~100 MB each)",
+        help="fineweb: shards to download (default 8, ~100 MB each); other sources are not counted in shards",
     )
     parser.add_argument(
         "--base-url",
@@ -37,7 +37,7 @@ def main(argv=None):
         help="fineweb: URL of the folder of shard_XXXXX.parquet files "
         f"(default $NANOJAX_FINEWEB_URL, else {FINEWEB_URL})",
     )
-    parser.add_argument("--num-workers", type=int, default=4, help="fineweb: parallel downloads (default 4)")
+    parser.add_argument("--num-workers", type=positive_int, default=4, help="fineweb: parallel downloads (default 4)")
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -46,7 +46,7 @@ def main(argv=None):
         "(default: the last shard, about --shard-chars characters, is validation)",
     )
     parser.add_argument(
-        "--shard-chars", type=int, default=SHARD_CHARS, help=f"characters per shard (default {SHARD_CHARS:,})"
+        "--shard-chars", type=positive_int, default=SHARD_CHARS, help=f"characters per shard (default {SHARD_CHARS:,})"
     )
     parser.add_argument("--seed", type=int, default=0, help="shuffles stdlib files, draws --val-fraction docs")
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")

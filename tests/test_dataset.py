@@ -282,6 +282,13 @@ def test_fineweb_missing_shard_and_bad_count(fineweb, tmp_path):
         fetch(tmp_path / "other", fineweb, 1)
 
 
+def test_a_whole_corpus_is_not_mixed_with_files(user_folder, tmp_path):
+    with pytest.raises(UserError, match="'stdlib' and 'fineweb' are whole corpora: give one of them alone"):
+        prepare_data(["stdlib", str(user_folder)], tmp_path / "base")
+    with pytest.raises(UserError, match="--val-fraction 0.0 must be above 0 and below 1"):
+        prepare_data([str(user_folder)], tmp_path / "base", val_fraction=0.0)
+
+
 def test_a_corpus_of_empty_files_names_them(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "empty.txt").write_text("")
