@@ -18,8 +18,9 @@ SEED_RUN := --depth=4 --aspect-ratio=32 --head-dim=64 --max-seq-len=512 --device
 	--total-batch-size=4096 --num-iterations=100 --embedding-lr=0.3 --matrix-lr=0.02 \
 	--unembedding-lr=0.004 --weight-decay=0.1
 # Then finetuning on the generated conversations (about a minute) and one answer from the chat model.
-# One 512-token row a step, so every lr x6: the base lrs, scaled by sqrt(512 / 2^19), barely move in 300 steps.
-SFT_RUN := --model-tag=d4 --device-batch-size=1 --total-batch-size=512 --num-iterations=300 --init-lr-frac=6 \
+# One 512-token row a step. Finetuning takes the base lrs as given (nanochat's chat_sft does not scale them by
+# batch size), tuned for 2^19-token batches: x 0.1875 here, that is 6 x sqrt(512 / 2^19).
+SFT_RUN := --model-tag=d4 --device-batch-size=1 --total-batch-size=512 --num-iterations=300 --init-lr-frac=0.1875 \
 	--eval-every=100
 run: $(STAMP)
 	$(PY) -m scripts.prepare_data

@@ -106,7 +106,8 @@ def nanochat_config(model_config: dict) -> GPTConfig:
     known = {f.name for f in fields(GPTConfig)}
     if unknown := sorted(set(model_config) - known):
         raise UserError(f"nanochat model_config has settings nanojax does not implement: {unknown}")
-    return GPTConfig(**model_config)
+    # As nanochat's checkpoint_manager patches it: checkpoints from before sliding windows saw full context.
+    return GPTConfig(**{"window_pattern": "L"} | model_config)
 
 
 def _resolve_step(nanochat_dir: Path, step: int | None) -> int:

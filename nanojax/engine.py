@@ -214,6 +214,7 @@ STR_METHODS = frozenset(
 MAX_EXPR_CHARS = 500
 MAX_EXPONENT = 100
 MAX_INT = 10**100
+MAX_STR = 10_000  # one replace can multiply a string's length: a chain of them must not fill the memory
 _BINOPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
@@ -267,7 +268,10 @@ def _evaluate(node):
         receiver = _evaluate(node.func.value)
         if type(receiver) is not str:
             raise _Refused
-        return getattr(receiver, node.func.attr)(*(_evaluate(a) for a in node.args))
+        result = getattr(receiver, node.func.attr)(*(_evaluate(a) for a in node.args))
+        if type(result) is str and len(result) > MAX_STR:
+            raise _Refused
+        return result
     raise _Refused
 
 

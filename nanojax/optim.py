@@ -12,7 +12,7 @@ recompiling anything.
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import jax
@@ -278,9 +278,7 @@ def scaled_groups(
     adam_betas: tuple[float, float],
 ) -> dict[str, Group]:
     """base_train's groups: every lr scaled by the batch size, weight decay by depth."""
-    lrs = {"embedding": embedding_lr, "unembedding": unembedding_lr, "matrix": matrix_lr, "scalar": scalar_lr}
-    if negative := [f"--{name}-lr {lr}" for name, lr in lrs.items() if not lr >= 0]:
-        raise UserError(f"{', '.join(negative)}: learning rates must be >= 0")
+    check_lrs(embedding=embedding_lr, unembedding=unembedding_lr, matrix=matrix_lr, scalar=scalar_lr)
     s = batch_lr_scale(total_batch_size)
     return setup_groups(
         model_dim,
@@ -291,3 +289,29 @@ def scaled_groups(
         adam_betas=adam_betas,
         scalar_lr=scalar_lr * s,
     )
+
+
+def finetune_groups(
+    model_dim: int,
+    *,
+    embedding_lr: float,
+    unembedding_lr: float,
+    matrix_lr: float,
+    scalar_lr: float,
+    weight_decay: float,
+    adam_betas: tuple[float, float],
+    init_lr_frac: float,
+) -> dict[str, Group]:
+    """chat_sft's groups: setup_optimizer's with the lrs as given (not scaled by the batch size, as
+    pretraining's are), then every group's lr x init_lr_frac."""
+    check_lrs(embedding=embedding_lr, unembedding=unembedding_lr, matrix=matrix_lr, scalar=scalar_lr)
+    groups = setup_groups(
+        model_dim, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
+        weight_decay=weight_decay, adam_betas=adam_betas, scalar_lr=scalar_lr,
+    )  # fmt: skip
+    return {name: replace(g, lr=g.lr * init_lr_frac) for name, g in groups.items()}
+
+
+def check_lrs(**lrs: float) -> None:
+    if negative := [f"--{name}-lr {lr}" for name, lr in lrs.items() if not lr >= 0]:
+        raise UserError(f"{', '.join(negative)}: learning rates must be >= 0")

@@ -7,7 +7,6 @@ loss over the held-out conversations' assistant tokens).
 """
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -17,8 +16,8 @@ from nanojax import chat
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
 from nanojax.engine import find_checkpoint_dir, greedy, prompt_ids
-from nanojax.model import GPTConfig
-from nanojax.optim import Schedule, scaled_groups
+from nanojax.model import ROTARY_OVERSIZE, GPTConfig
+from nanojax.optim import Schedule, finetune_groups
 from nanojax.pretrain import replicate, wandb_logger
 from nanojax.report import write_report
 from nanojax.tokenizer import get_tokenizer
@@ -72,9 +71,15 @@ def sft(args, base_dir, prompts):
     tokenizer = get_tokenizer(base_dir)
     check_tokenizer(meta, tokenizer, base_ckpts.step_dir(base_step))
     inherit(args, meta)
-    # Only the rotary tables depend on the sequence length: the weights fit any --max-seq-len.
-    config = replace(GPTConfig(**meta["model_config"]), sequence_len=args.max_seq_len)
-    T = config.sequence_len
+    # The model stays the base model (its sliding windows come from its sequence_len, as in nanochat's
+    # chat_sft): --max-seq-len only sizes the rows, up to the rotary table's length.
+    config = GPTConfig(**meta["model_config"])
+    T = args.max_seq_len
+    if T > config.sequence_len * ROTARY_OVERSIZE:
+        raise UserError(
+            f"--max-seq-len {T} is past the base model's {config.sequence_len * ROTARY_OVERSIZE} rotary positions "
+            f"({ROTARY_OVERSIZE} x its sequence length): lower it"
+        )
 
     data = args.data or [chat.ensure_conversations(base_dir)]
     convs = chat.read_conversations(data, tokenizer, T + 1, skip_bad_lines=args.skip_bad_lines)
@@ -95,11 +100,10 @@ def sft(args, base_dir, prompts):
           f"({num_iterations * rows_per_step / epoch_rows:.2f} epochs)")  # fmt: skip
 
     dtype, orth_dtype = platform_dtypes(args.dtype)
-    f = args.init_lr_frac
-    groups = scaled_groups(
-        config.n_embd, config.n_layer, args.total_batch_size, embedding_lr=args.embedding_lr * f,
-        unembedding_lr=args.unembedding_lr * f, matrix_lr=args.matrix_lr * f, scalar_lr=args.scalar_lr * f,
-        weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
+    groups = finetune_groups(
+        config.n_embd, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
+        scalar_lr=args.scalar_lr, weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
+        init_lr_frac=args.init_lr_frac,
     )  # fmt: skip
     schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     run = RunConfig(
@@ -110,7 +114,7 @@ def sft(args, base_dir, prompts):
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume_from_step=args.resume_from_step,
         seed=args.seed, loss_chunk=args.loss_chunk, ynn_dots=args.ynn_dots, eval_metric="loss",
         attention=platform_attention(args.attention, dtype, config.head_dim),
-        user_config=vars(args) | {"base_checkpoint": str(base_ckpts.step_dir(base_step))},
+        user_config=vars(args) | {"base_checkpoint": str(base_ckpts.step_dir(base_step))}, seq_len=T,
     )  # fmt: skip
     model = abstract_model(config)
     print(f"model {config} | {model.num_params():,} parameters | from {base_ckpts.step_dir(base_step)}")

@@ -266,6 +266,8 @@ class RunConfig:
     loss_chunk: int | None = None  # opt-in fused lm_head + softcap + cross-entropy (GPT's loss_chunk)
     attention: str = "nanojax"  # GPT's self-attention implementation, see platform_attention
     eval_metric: str = "bpb"  # "bpb" or "loss" (finetuning): logged, saved and summarised as val_<metric>
+    # Tokens per row; None: the model's sequence_len. Finetuning may pick another: the model keeps its windows.
+    seq_len: int | None = None
     user_config: dict = field(default_factory=dict)
 
 
@@ -299,13 +301,18 @@ def train(
     init_params(targets) -> params, if given, starts a fresh run from these weights (see init_state).
     """
     config = run.model_config
+    if run.resume_from_step >= run.num_iterations:
+        raise UserError(
+            f"--resume-from-step {run.resume_from_step} is already at the run's end (--num-iterations "
+            f"{run.num_iterations}): pass a larger --num-iterations to train on"
+        )
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise UserError(
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects {config.vocab_size}: "
             "retrain the tokenizer with --vocab-size to match, or use the model's own base dir"
         )
     mesh = make_mesh()
-    T, dp = config.sequence_len, mesh.size
+    T, dp = run.seq_len or config.sequence_len, mesh.size
     accum = grad_accum_steps(run.total_batch_size, run.device_batch_size, T, dp)
     local_rows = run.device_batch_size * jax.local_device_count()
     dtype = jnp.dtype(run.dtype)

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     g.add_argument("--max-seq-len", type=positive_int, default=None, help="row length in tokens")
     g.add_argument("--device-batch-size", type=positive_int, default=None, help="rows per device per micro-step")
     g.add_argument("--total-batch-size", type=positive_int, default=None, help="tokens per optimizer step")
-    g = p.add_argument_group("optimizer (unset lrs: the base run's)")
+    g = p.add_argument_group("optimizer (unset lrs: the base run's, as given, not scaled by batch size)")
     g.add_argument("--embedding-lr", type=float, default=None, help="AdamW lr of wte and value embeddings")
     g.add_argument("--unembedding-lr", type=float, default=None, help="AdamW lr of lm_head")
     g.add_argument("--matrix-lr", type=float, default=None, help="Muon lr of the block matrices")

@@ -20,7 +20,13 @@ from flax import nnx
 
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
-from nanojax.convert import from_nanochat_dir, load_nanochat_tokenizer, nanochat_steps, to_nanochat_dir
+from nanojax.convert import (
+    from_nanochat_dir,
+    load_nanochat_tokenizer,
+    nanochat_config,
+    nanochat_steps,
+    to_nanochat_dir,
+)
 from nanojax.engine import load_model
 from nanojax.parity import Reference
 from nanojax.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
@@ -94,6 +100,13 @@ def test_bad_input(reference_dir, tmp_path):
     (src / "meta_000000.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="does not implement: \\['rope_scaling'\\]"):
         from_nanochat_dir(src, tmp_path / "out")
+
+
+def test_a_config_without_windows_is_full_context(reference_dir):
+    """nanochat's checkpoint_manager reads a missing window_pattern as "L": older models saw full context."""
+    config = json.loads((reference_dir / "nanochat_checkpoint_a" / "meta_000000.json").read_text())["model_config"]
+    assert nanochat_config({k: v for k, v in config.items() if k != "window_pattern"}).window_pattern == "L"
+    assert nanochat_config(config).window_pattern == config["window_pattern"]
 
 
 def test_a_damaged_file_or_a_taken_folder_is_refused(reference_dir, imported, tmp_path):

@@ -25,9 +25,11 @@ from scripts import chat_sft
 from scripts import pretrain as pretrain_script
 
 REPO = Path(__file__).resolve().parents[1]
-# 8 devices x 1 row x 128 tokens: one micro-step a step. Lrs well above the tiny base run's.
+# 8 devices x 1 row x 128 tokens: one micro-step a step. Finetuning's lrs are not scaled by the batch size
+# (nanochat's chat_sft), so this batch of 1,024 tokens takes --init-lr-frac 0.035 = 0.8 x sqrt(1024 / 2^19).
 SFT_RUN = ["--max-seq-len=128", "--device-batch-size=1", "--total-batch-size=1024", "--eval-every=-1",
-           "--eval-tokens=8192", "--embedding-lr=0.5", "--unembedding-lr=0.05", "--matrix-lr=0.05"]  # fmt: skip
+           "--eval-tokens=8192", "--embedding-lr=0.5", "--unembedding-lr=0.05", "--matrix-lr=0.05",
+           "--init-lr-frac=0.035"]  # fmt: skip
 
 
 def run_sft(base, tag, *extra):

@@ -250,7 +250,9 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
     one_step = run(tiny_base, "--num-iterations=1", "--model-tag=bad")
     assert one_step["tokens_per_s"] is None  # only its first step, compilation: no steady rate
     with pytest.raises(UserError, match="no checkpoint for step 7"):
-        run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=7")
+        run(tiny_base, "--num-iterations=8", "--model-tag=bad", "--resume-from-step=7")
+    with pytest.raises(UserError, match="already at the run's end .* pass a larger --num-iterations"):
+        run(tiny_base, "--num-iterations=1", "--model-tag=bad", "--resume-from-step=1")
     with pytest.raises(UserError, match="another model shape, n_layer 2 \\(this run: 3\\)"):
         run(tiny_base, "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1", "--depth=3")
     reversed_docs = ["".join(reversed(d)) for d in dataset.iter_documents([str(tiny_base / "docs")])]
