@@ -12,7 +12,7 @@ recompiling anything.
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -266,52 +266,23 @@ def build_optimizer(
 
 
 def scaled_groups(
-    model_dim: int,
-    depth: int,
-    total_batch_size: int,
-    *,
-    embedding_lr: float,
-    unembedding_lr: float,
-    matrix_lr: float,
-    scalar_lr: float,
-    weight_decay: float,
-    adam_betas: tuple[float, float],
+    model_dim: int, depth: int, total_batch_size: int, *, weight_decay: float, adam_betas: tuple[float, float], **lrs
 ) -> dict[str, Group]:
-    """base_train's groups: every lr scaled by the batch size, weight decay by depth."""
-    check_lrs(embedding=embedding_lr, unembedding=unembedding_lr, matrix=matrix_lr, scalar=scalar_lr)
-    s = batch_lr_scale(total_batch_size)
-    return setup_groups(
-        model_dim,
-        unembedding_lr=unembedding_lr * s,
-        embedding_lr=embedding_lr * s,
-        matrix_lr=matrix_lr * s,
-        weight_decay=depth_weight_decay(weight_decay, depth),
-        adam_betas=adam_betas,
-        scalar_lr=scalar_lr * s,
-    )
+    """base_train's groups: every lr (embedding_lr, unembedding_lr, matrix_lr, scalar_lr) scaled by the batch
+    size, weight decay by depth."""
+    wd = depth_weight_decay(weight_decay, depth)
+    return _lrs_times(batch_lr_scale(total_batch_size), model_dim, wd, adam_betas, lrs)
 
 
 def finetune_groups(
-    model_dim: int,
-    *,
-    embedding_lr: float,
-    unembedding_lr: float,
-    matrix_lr: float,
-    scalar_lr: float,
-    weight_decay: float,
-    adam_betas: tuple[float, float],
-    init_lr_frac: float,
+    model_dim: int, init_lr_frac: float, *, weight_decay: float, adam_betas: tuple[float, float], **lrs
 ) -> dict[str, Group]:
-    """chat_sft's groups: setup_optimizer's with the lrs as given (not scaled by the batch size, as
-    pretraining's are), then every group's lr x init_lr_frac."""
-    check_lrs(embedding=embedding_lr, unembedding=unembedding_lr, matrix=matrix_lr, scalar=scalar_lr)
-    groups = setup_groups(
-        model_dim, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
-        weight_decay=weight_decay, adam_betas=adam_betas, scalar_lr=scalar_lr,
-    )  # fmt: skip
-    return {name: replace(g, lr=g.lr * init_lr_frac) for name, g in groups.items()}
+    """chat_sft's groups: the lrs as given (not scaled by the batch size, as pretraining's are) x init_lr_frac."""
+    return _lrs_times(init_lr_frac, model_dim, weight_decay, adam_betas, lrs)
 
 
-def check_lrs(**lrs: float) -> None:
-    if negative := [f"--{name}-lr {lr}" for name, lr in lrs.items() if not lr >= 0]:
+def _lrs_times(scale: float, model_dim: int, weight_decay: float, adam_betas, lrs: dict) -> dict[str, Group]:
+    if negative := [f"--{name.replace('_', '-')} {lr}" for name, lr in lrs.items() if not lr >= 0]:
         raise UserError(f"{', '.join(negative)}: learning rates must be >= 0")
+    scaled = {name: lr * scale for name, lr in lrs.items()}
+    return setup_groups(model_dim, weight_decay=weight_decay, adam_betas=adam_betas, **scaled)

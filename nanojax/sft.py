@@ -101,9 +101,9 @@ def sft(args, base_dir, prompts):
 
     dtype, orth_dtype = platform_dtypes(args.dtype)
     groups = finetune_groups(
-        config.n_embd, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
-        scalar_lr=args.scalar_lr, weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
-        init_lr_frac=args.init_lr_frac,
+        config.n_embd, args.init_lr_frac, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+        matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr, weight_decay=args.weight_decay,
+        adam_betas=(args.adam_beta1, args.adam_beta2),
     )  # fmt: skip
     schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     run = RunConfig(
