@@ -32,7 +32,7 @@ import yaml
 from flax import nnx
 
 from nanojax.common import UserError
-from nanojax.engine import bucket, greedy, prompt_ids
+from nanojax.engine import CalculatorTool, bucket, greedy, prompt_ids
 from nanojax.loader import make_val_loader
 from nanojax.model import GPT, ROTARY_OVERSIZE, cross_entropy
 from nanojax.sharding import make_mesh, replicated
@@ -297,19 +297,23 @@ def val_bpb(
 
 
 def greedy_samples(model: GPT, tokenizer, prompts, max_tokens: int = 16, chat: bool = False) -> list[str]:
-    """Greedy continuations of the prompts (as chat messages for a chat model), up to a stop token: all
-    prompts in one batch at one length, so one compilation serves them all."""
+    """Greedy continuations of the prompts (for a chat model: answers to them as messages, its calculator
+    calls answered), up to a stop token: all prompts in one batch at one length, so one compilation
+    serves them all."""
     graphdef, params = nnx.split(model)
     forward = jax.jit(lambda p, idx: nnx.merge(graphdef, p)(idx))
     ids = [prompt_ids(tokenizer, prompt, chat) for prompt in prompts]
     stops = (tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>"))
-    out, _ = greedy(lambda idx: forward(params, idx), ids, max_tokens, stop_tokens=stops)
-    return [prompt + tokenizer.decode(tokens) for prompt, tokens in zip(prompts, out, strict=True)]
+    tool = CalculatorTool(tokenizer) if chat else None
+    out, _ = greedy(lambda idx: forward(params, idx), ids, max_tokens, stop_tokens=stops, tool=tool)
+    sep = " -> " if chat else ""  # a base model continues the prompt; a chat model answers it
+    return [prompt + sep + tokenizer.decode(tokens) for prompt, tokens in zip(prompts, out, strict=True)]
 
 
-def report_lines(step: int, bpb, core, results, samples, notes=()) -> list[str]:
+def report_lines(step: int, bpb, core, results, samples, notes=(), source: str = "base") -> list[str]:
     """A markdown section: the summary, the per-task table, the samples."""
-    lines = [f"## Base model evaluation, step {step}", "", "| | |", "|---|---|"]
+    kind = "Chat" if source == "sft" else "Base"
+    lines = [f"## {kind} model evaluation, step {step}", "", "| | |", "|---|---|"]
     if bpb is not None:
         lines.append(f"| val bpb | {bpb[0]:.4f} ({bpb[1]:,} tokens) |")
     if core is not None:

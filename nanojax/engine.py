@@ -42,21 +42,30 @@ from nanojax.train import abstract_model, check_tokenizer
 # --- uncached decoding ----------------------------------------------------------------------------
 
 
-def greedy(forward, prompts: list[list[int]], max_tokens: int, stop_tokens=()) -> tuple[list[list[int]], list]:
+def greedy(
+    forward, prompts: list[list[int]], max_tokens: int, stop_tokens=(), tool=None
+) -> tuple[list[list[int]], list]:
     """max_tokens greedy continuations of each prompt (cut after a stop token), and the logits that chose them.
 
     forward(idx_BT) -> logits_BTV runs at one fixed length (so one compilation serves every token);
-    causality makes the padding after each position irrelevant."""
+    causality makes the padding after each position irrelevant. tool (a CalculatorTool): a chat model's
+    calculator calls are answered, as the Engine answers them."""
     total = max(len(p) for p in prompts) + max_tokens
     seq = np.zeros((len(prompts), total), np.int32)
     for i, p in enumerate(prompts):
         seq[i, : len(p)] = p
     lengths = np.array([len(p) for p in prompts])
     rows = np.arange(len(prompts))
+    states = [_Row() for _ in prompts]
     chosen = []
     for k in range(max_tokens):
         logits = np.asarray(forward(seq))[rows, lengths + k - 1]
-        seq[rows, lengths + k] = logits.argmax(-1)
+        tokens = logits.argmax(-1)
+        for i, row in enumerate(states if tool else ()):
+            if row.forced:
+                tokens[i] = row.forced.popleft()
+            tool.advance(row, int(tokens[i]))
+        seq[rows, lengths + k] = tokens
         chosen.append(logits)
     out = []
     for i, n in enumerate(lengths):
@@ -288,6 +297,28 @@ class _Row:
     completed: bool = False
 
 
+class CalculatorTool:
+    """nanochat's tool use: <|python_start|> expr <|python_end|> is answered with <|output_start|> value
+    <|output_end|>, tokens the sampler must feed instead of choosing (a row's `forced`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        names = ("python_start", "python_end", "output_start", "output_end")
+        self.ids = {n: tokenizer.encode_special(f"<|{n}|>") for n in names}
+
+    def advance(self, row: _Row, token: int) -> None:
+        if token == self.ids["python_start"]:
+            row.in_python, row.expr = True, []
+        elif token == self.ids["python_end"] and row.in_python:
+            row.in_python = False
+            result = calculate(self.tokenizer.decode(row.expr)) if row.expr else None
+            if result is not None:
+                row.forced.extend([self.ids["output_start"], *self.tokenizer.encode(result), self.ids["output_end"]])
+            row.expr = []
+        elif row.in_python:
+            row.expr.append(token)
+
+
 class Engine:
     """Cached sampling from a GPT. With a tokenizer, <|assistant_end|> and <|bos|> end a sample and
     <|python_start|> expr <|python_end|> is answered with <|output_start|> value <|output_end|>."""
@@ -296,11 +327,10 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         self.config, self.tokenizer = model.config, tokenizer
         self.cache_dtype, self.chunk = cache_dtype, chunk
-        self.stop_tokens, self.tool = (), {}
+        self.stop_tokens, self.tool = (), None
         if tokenizer is not None:
             self.stop_tokens = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id())
-            names = ("python_start", "python_end", "output_start", "output_end")
-            self.tool = {n: tokenizer.encode_special(f"<|{n}|>") for n in names}
+            self.tool = CalculatorTool(tokenizer)
 
     @property
     def max_positions(self) -> int:
@@ -332,7 +362,7 @@ class Engine:
         logits_BV, cache = prefill(self.graphdef, self.params, idx, P, cache_len=bucket(P + max_tokens),
                                    num_rows=B, cache_dtype=self.cache_dtype)  # fmt: skip
         stop_tokens = np.array(self.stop_tokens or (-1,), np.int32)
-        tool_token = self.tool.get("python_end", -1)
+        tool_token = self.tool.ids["python_end"] if self.tool else -1
         key = jax.random.key(seed)
         rows = [_Row() for _ in range(B)]
         n = 0
@@ -360,18 +390,8 @@ class Engine:
         """nanochat's per-token state machine: stop tokens and the calculator tool."""
         if token in self.stop_tokens:
             row.completed = True
-        if not self.tool:
-            return
-        if token == self.tool["python_start"]:
-            row.in_python, row.expr = True, []
-        elif token == self.tool["python_end"] and row.in_python:
-            row.in_python = False
-            result = calculate(self.tokenizer.decode(row.expr)) if row.expr else None
-            if result is not None:
-                row.forced.extend([self.tool["output_start"], *self.tokenizer.encode(result), self.tool["output_end"]])
-            row.expr = []
-        elif row.in_python:
-            row.expr.append(token)
+        if self.tool:
+            self.tool.advance(row, token)
 
     def generate_batch(self, tokens: list[int], num_samples=1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Each sample's prompt + generated tokens (without its stop token) and their masks (prompt 0)."""

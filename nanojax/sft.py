@@ -15,7 +15,7 @@ from flax import nnx
 from nanojax import chat
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
-from nanojax.engine import find_checkpoint_dir, greedy, prompt_ids
+from nanojax.engine import CalculatorTool, find_checkpoint_dir, greedy, prompt_ids
 from nanojax.model import ROTARY_OVERSIZE, GPTConfig
 from nanojax.optim import Schedule, finetune_groups
 from nanojax.pretrain import replicate, wandb_logger
@@ -121,10 +121,12 @@ def sft(args, base_dir, prompts):
 
     chat_prompts = [prompt_ids(tokenizer, p, chat=True) for p in prompts]
     stops = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id())
+    tool = CalculatorTool(tokenizer)  # the samples answer the model's calculator calls, as chat_cli does
 
     def sample(graphdef, params):
         forward = jax.jit(lambda p, idx: nnx.merge(graphdef, p)(idx))
-        out, _ = greedy(lambda idx: forward(params, replicate(idx, params)), chat_prompts, 32, stop_tokens=stops)
+        out, _ = greedy(lambda idx: forward(params, replicate(idx, params)), chat_prompts, 32, stop_tokens=stops,
+                        tool=tool)  # fmt: skip
         return [f"{p} -> {tokenizer.decode(t)}" for p, t in zip(prompts, out, strict=True)]
 
     rank, ranks = jax.process_index(), jax.process_count()

@@ -69,7 +69,7 @@ def main(argv=None):
     else:
         notes.append(f"CORE skipped: no task bundle at {bundle} (pass --core-bundle)")
 
-    lines = core_eval.report_lines(meta["step"], bpb, core, results, samples, notes)
+    lines = core_eval.report_lines(meta["step"], bpb, core, results, samples, notes, args.source)
     print("\n".join(lines))
     report = checkpoint_dir / "report.md"
     with report.open("a", encoding="utf-8") as f:

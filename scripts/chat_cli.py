@@ -52,6 +52,8 @@ def stream(session, text: str) -> None:
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("-p: the message is empty (the interactive session skips empty lines too)")
     from nanojax import engine  # imports jax: after --help
     from nanojax.chat import ChatSession
 

@@ -232,3 +232,9 @@ def test_sampling_settings_are_checked(script, flag, message, capsys):
     with pytest.raises(SystemExit):
         script.parse_args([flag])
     assert message in capsys.readouterr().err
+
+
+def test_an_empty_one_shot_message_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        chat_cli.main([f"--base-dir={tmp_path}", "-p", "  "])
+    assert "-p: the message is empty" in capsys.readouterr().err

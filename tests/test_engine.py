@@ -14,6 +14,7 @@ from flax import nnx
 from nanojax import dataset
 from nanojax.common import UserError
 from nanojax.engine import (
+    CalculatorTool,
     Engine,
     bucket,
     cached_greedy,
@@ -208,6 +209,20 @@ def test_tool_call_output_is_forced(chunk):
     output = ids("<|output_start|>", "15", "<|output_end|>")
     assert [c[0] for c, _ in columns] == call + output + ids("y", "<|assistant_end|>")
     assert [m[0] for _, m in columns] == [1] * len(call) + [0] * len(output) + [1, 1]
+
+
+def test_greedy_answers_tool_calls_as_the_engine_does():
+    """Training's and base_eval's chat samples (the uncached `greedy`) feed the calculator's output too."""
+    bos = ids("<|bos|>")
+    call = ids("<|python_start|>", "12+3", "<|python_end|>")
+    model = chain_model(bos + call + ids("x"), ids("<|output_end|>", "y", "<|assistant_end|>"))
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda idx: nnx.merge(graphdef, params)(idx))
+    stops = ids("<|assistant_end|>", "<|bos|>")
+    [plain], _ = greedy(forward, [bos], 12, stop_tokens=stops)
+    [tooled], _ = greedy(forward, [bos], 12, stop_tokens=stops, tool=CalculatorTool(CharTokenizer()))
+    assert plain == call + ids("x")
+    assert tooled == call + ids("<|output_start|>", "15", "<|output_end|>", "y")
 
 
 def test_refused_tool_call_is_not_answered():
