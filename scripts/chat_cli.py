@@ -88,7 +88,8 @@ def main(argv=None):
         except KeyboardInterrupt:
             print("\n(answer stopped; the conversation goes on without it)")
         except UserError as e:  # e.g. a conversation past the model's positions: the session survives
-            print(f"\nerror: {e}\n(type '{CLEAR}' to start a new conversation)")
+            hint = f"\n(type '{CLEAR}' to start a new conversation)" if session.turns else ""
+            print(f"\nerror: {e}{hint}")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,9 @@ def test_chat_session_answers_in_the_room_left(tok):
     assert len(session.tokens) <= 640
     with pytest.raises(UserError, match="fills the model's 640 positions"):
         "".join(session.reply("hi"))
+    session.reset()
+    with pytest.raises(UserError, match="the message is too long for the model's 640 positions"):
+        "".join(session.reply("alpha " * 700))
 
 
 @pytest.mark.parametrize("script", [chat_cli, sample])
