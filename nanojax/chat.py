@@ -407,10 +407,9 @@ class ChatSession:
         prompt = [*self.tokens, s("<|user_start|>"), *self.tokenizer.encode(text), s("<|user_end|>"),
                   s("<|assistant_start|>")]  # fmt: skip
         room = self.engine.max_positions - len(prompt) - 1  # and <|assistant_end|> after the answer
-        if room < 1 and not self.turns:
-            raise UserError(f"the message is too long for the model's {self.engine.max_positions} positions")
         if room < 1:
-            raise UserError(f"the conversation fills the model's {self.engine.max_positions} positions")
+            what = "the conversation fills" if self.turns else "the message is too long for"
+            raise UserError(f"{what} the model's {self.engine.max_positions} positions")
         # --max-tokens is an upper bound: a long conversation gets the room that is left.
         sampling = self.sampling | {"max_tokens": min(self.sampling["max_tokens"], room)}
         answer, sent = [], 0

@@ -61,10 +61,11 @@ def greedy(
     for k in range(max_tokens):
         logits = np.asarray(forward(seq))[rows, lengths + k - 1]
         tokens = logits.argmax(-1)
-        for i, row in enumerate(states if tool else ()):
-            if row.forced:
-                tokens[i] = row.forced.popleft()
-            tool.advance(row, int(tokens[i]))
+        if tool:
+            for i, row in enumerate(states):
+                if row.forced:
+                    tokens[i] = row.forced.popleft()
+                tool.advance(row, int(tokens[i]))
         seq[rows, lengths + k] = tokens
         chosen.append(logits)
     out = []
