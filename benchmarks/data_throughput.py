@@ -79,7 +79,8 @@ def main():
 
     # The share of the corpus's tokens that reach a batch: one pass, every document tokenized once.
     one_pass = CountingTokenizer(tok.tok)
-    kept = sum(1 for _ in loader(counter=one_pass, repeat=False)) * B * (T + 1) / one_pass.count
+    full_rows = sum(int((targets[:, 0] >= 0).sum()) for _, targets in loader(counter=one_pass, repeat=False))
+    kept = full_rows * (T + 1) / one_pass.count
 
     rate = args.num_batches * B * T / steady
     print(f"machine: {machine()}")

@@ -15,6 +15,10 @@ class UserError(Exception):
     """Bad input from the user: printed as one line naming the problem and the fix, no traceback."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with a line saying where the work stopped and how to go on from there."""
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The scripts' --help: the description as written, and each flag's default where it has a value."""
 
@@ -116,9 +120,14 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except (KeyboardInterrupt, Interrupted) as e:
+            print(str(e) or "interrupted", file=sys.stderr)
+            # Exit without the interpreter's teardown: a Ctrl-C that lands while XLA compiles or the data
+            # threads read can leave threads that crash it (a segfault after the message). Whatever had to
+            # reach the disk (checkpoints) was waited for before the exception got here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         except OSError as e:  # names the path and the reason: "[Errno 28] No space left on device: '...'"
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

@@ -292,8 +292,7 @@ def val_bpb(
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               crop_long_docs=crop_long_docs)  # fmt: skip
     batches = list(itertools.islice(batches, num_batches))
-    bpb = make_evaluator(graphdef, mesh, tokenizer.token_bytes)(params, batches, len(batches) >= PROGRESS_BATCHES)
-    return bpb, len(batches) * device_batch_size * T * mesh.size
+    return make_evaluator(graphdef, mesh, tokenizer.token_bytes)(params, batches, len(batches) >= PROGRESS_BATCHES)
 
 
 def greedy_samples(model: GPT, tokenizer, prompts, max_tokens: int = 16, chat: bool = False) -> list[str]:

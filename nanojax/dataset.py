@@ -99,14 +99,19 @@ def resolve_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
     return list(files)
 
 
-def iter_documents(sources: Iterable[str | os.PathLike], skipped: list | None = None) -> Iterator[str]:
-    """The documents of files, folders and globs (checked now, read lazily).
+def iter_documents(
+    sources: Iterable[str | os.PathLike], skipped: list | None = None, shuffle_seed: int | None = None
+) -> Iterator[str]:
+    """The documents of files, folders and globs (checked now, read lazily), the files in path order or
+    shuffled by shuffle_seed.
 
     Files that are not UTF-8 text are skipped and appended to `skipped`, blank documents left out; if no
     file held any text, iterating raises UserError.
     """
     sources = list(sources)
     files = resolve_files(sources)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(files)
     skipped = [] if skipped is None else skipped
 
     def documents():
@@ -118,8 +123,8 @@ def iter_documents(sources: Iterable[str | os.PathLike], skipped: list | None = 
                     yield doc
         if num_docs == 0:
             raise UserError(
-                f"no UTF-8 text in {a_few(sources)}: of its {len(files)} file(s), {len(skipped)} are binary "
-                "(not UTF-8) and the rest are empty"
+                f"no UTF-8 text in {a_few(sources)}: {len(files)} file(s), {len(skipped)} not UTF-8, "
+                f"{len(files) - len(skipped)} empty"
             )
 
     return documents()
@@ -191,6 +196,7 @@ def prepare_data(
     num_workers: int = 4,
     retries: int = 5,
     retry_wait: float = 2.0,
+    keep_options: bool = False,
 ) -> dict:
     """Write (or download) the shards of a source under <base_dir>/base_data/ and return the manifest.
 
@@ -198,6 +204,8 @@ def prepare_data(
     num_shards, base_url, num_workers, retries, retry_wait: FineWeb only (base_url defaults to
     $NANOJAX_FINEWEB_URL, else nanochat's). val_fraction: hold out this fraction of documents instead of
     the last ~shard. seed: shuffles the stdlib files and draws the held-out documents.
+    keep_options: shards already prepared from the same source are kept whatever options made them
+    (pretrain --data, which has no say in them); otherwise other options rewrite them.
     """
     sources = [source] if isinstance(source, str | os.PathLike) else list(source)
     if len(sources) > 1 and {"stdlib", "fineweb"} & set(map(str, sources)):
@@ -225,8 +233,10 @@ def prepare_data(
     if existing and (manifest["source"] != request["source"] if manifest else not fineweb):
         held = manifest["source"] if manifest else "an unknown source"
         if isinstance(held, list):  # the user's files
-            held = f"{len(held)} file(s) ({a_few(held, 2)})"
+            held = held[0] if len(held) == 1 else f"{len(held)} files under {os.path.commonpath(held)}"
         raise UserError(f"{folder} already holds shards from {held}: delete that folder or pass another --base-dir")
+    if keep_options and manifest and manifest["source"] == request["source"]:
+        request["options"] = manifest["options"]
     if _is_done(folder, manifest, request):
         print(f"{folder} already holds the prepared shards; nothing to do")
         return manifest
@@ -241,13 +251,14 @@ def prepare_data(
         if sources == ["stdlib"]:
             docs = list(iter_documents(stdlib_files(), skipped))
             random.Random(seed).shuffle(docs)
-        else:
-            docs = iter_documents(sources, skipped)
+        else:  # files in a shuffled order: the last shard, validation, is then no one folder's files
+            docs = iter_documents(sources, skipped, shuffle_seed=seed)
         docs = tqdm(docs, desc="writing shards", unit="doc", disable=None)  # None: only in a terminal
         stats = _write_shards(folder, docs, shard_chars, val_fraction, seed)
         stats["skipped_files"] = len(skipped)
         if skipped:
-            print(f"skipped {len(skipped)} files that are not UTF-8 text, e.g. {skipped[0]}")
+            print(f"skipped {len(skipped)} file(s) that are not UTF-8 text (convert them, e.g. with iconv), "
+                  f"e.g. {skipped[0]}")  # fmt: skip
     manifest = {**request, **stats, "complete": True}
     _write_manifest(folder, manifest)
     return manifest
@@ -307,7 +318,7 @@ def _split_train_val(docs: Iterable[str], shard_chars: int, val_fraction, rng: r
         if not last:  # every document was drawn for validation
             last, val = _split_tail(val, val_fraction)
         elif not val:
-            last, val = _split_tail(last, 0.0)
+            last, val = _split_tail(last, val_fraction)
         if last:
             yield last
         yield val
@@ -343,17 +354,23 @@ def _chunks(docs: Iterable[str], shard_chars: int) -> Iterator[list[str]]:
 
 
 def _split_tail(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(train, val) with the last documents (at least one) held out; a lone document is cut in two."""
-    if len(docs) > 1:
-        k = min(len(docs) - 1, max(1, round(fraction * len(docs))))
-        return docs[:-k], docs[-k:]
-    text = docs[0] if docs else ""
-    cut = int(len(text) * (1 - max(fraction, TINY_VAL_FRACTION)))
+    """(train, val): about `fraction` of the characters at the end: the whole documents that fit, and
+    where those make up less than half of it (one or a few long files, or a tiny corpus), the end of the
+    document before them, cut at a line start. At least one document, or piece of one, on each side."""
+    target, k, held = fraction * sum(map(len, docs)), 0, 0
+    while k < len(docs) - 1 and held + len(docs[-1 - k]) <= target:
+        held += len(docs[-1 - k])
+        k += 1
+    text = docs[-1 - k] if docs else ""
+    cut = len(text) - round(target - held)
     line_start = text.rfind("\n", 0, cut) + 1  # prefer cutting at a line start near the cut
     cut = line_start if line_start > cut / 2 else cut
-    if not 0 < cut < len(text):
-        raise UserError("the corpus is too small: need two documents, or one long enough to split")
-    return [text[:cut]], [text[cut:]]
+    if not (k and 2 * held >= target) and 0 < cut < len(text):
+        return [*docs[: -1 - k], text[:cut]], [text[cut:], *docs[len(docs) - k :]]
+    if len(docs) > 1:
+        k = max(k, 1)
+        return docs[:-k], docs[-k:]
+    raise UserError("the corpus is too small: need two documents, or one long enough to split")
 
 
 # ---- downloading FineWeb-Edu

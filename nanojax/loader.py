@@ -71,6 +71,7 @@ class _Documents:
         # Striding chunks (not shards or row groups) keeps processes balanced even with one big shard.
         self.chunks: list[Chunk] = chunks[process_index::process_count]
         self.layout |= {
+            "documents": sum(end - start for _, _, start, end in chunks),  # all processes': the data's size
             "chunks_per_epoch": len(self.chunks),
             "process_index": process_index,
             "process_count": process_count,
@@ -150,23 +151,35 @@ class Loader(grain.DatasetIterator):
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
         rows = np.empty((self._batch_size, self._row_len), dtype=np.int32)
-        for row in rows:
-            pos = 0
-            while pos < self._row_len:
-                while len(self._buffer) < self._buffer_size and not self._exhausted:
-                    self._refill()
-                if not self._buffer:  # the end of a single pass: the unfinished batch is dropped
+        for i, row in enumerate(rows):
+            if not self._fill(row):  # the end of a single pass; its unfinished row is dropped
+                if i == 0:
                     raise StopIteration
-                space = self._row_len - pos
-                j = bisect.bisect_right(self._buffer, (space, math.inf)) - 1
-                if j >= 0:  # the largest length that fits; the first-arrived document of that length
-                    j = bisect.bisect_left(self._buffer, (self._buffer[j][0],))
-                    tokens = self._buffer.pop(j)[-1]
-                else:  # nothing fits: crop the shortest to fill the row, dropping its remainder
-                    tokens = self._buffer.pop(0)[-1][:space]
-                row[pos : pos + len(tokens)] = tokens
-                pos += len(tokens)
+                # The full rows, then rows whose targets are all ignored (-1), so that a batch's worth
+                # of rows at the end of a pass still counts, and counts once.
+                inputs, targets = rows[:, :-1].copy(), rows[:, 1:].copy()
+                inputs[i:], targets[i:] = self._docs.bos, -1
+                return inputs, targets
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+    def _fill(self, row: np.ndarray) -> bool:
+        """Best-fit documents into the row; False if a single pass ends first."""
+        pos = 0
+        while pos < self._row_len:
+            while len(self._buffer) < self._buffer_size and not self._exhausted:
+                self._refill()
+            if not self._buffer:
+                return False
+            space = self._row_len - pos
+            j = bisect.bisect_right(self._buffer, (space, math.inf)) - 1
+            if j >= 0:  # the largest length that fits; the first-arrived document of that length
+                j = bisect.bisect_left(self._buffer, (self._buffer[j][0],))
+                tokens = self._buffer.pop(j)[-1]
+            else:  # nothing fits: crop the shortest to fill the row, dropping its remainder
+                tokens = self._buffer.pop(0)[-1][:space]
+            row[pos : pos + len(tokens)] = tokens
+            pos += len(tokens)
+        return True
 
     def _refill(self):
         try:
@@ -189,12 +202,12 @@ class Loader(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict) -> None:
-        layout = self._docs.layout
-        saved = {key: state.get(key) for key in layout}
+        layout = {key: value for key, value in self._docs.layout.items() if key in state}  # older states lack some
+        saved = {key: state[key] for key in layout}
         if saved != layout:
             raise UserError(
                 f"the loader state does not fit these shards (saved for {saved}, they give {layout}): "
-                "resume with the same shards, process count and --crop-long-docs"
+                "resume with the data, process count and --crop-long-docs it was saved with, or start a fresh run"
             )
         try:
             self._next_chunk = state["next_chunk"]
@@ -217,7 +230,10 @@ class Loader(grain.DatasetIterator):
                 length, tokens = pieces[chunk, doc][p]
                 buffer.append((length, chunk, doc, p, tokens))
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise UserError(f"the loader state names documents these shards do not have ({e!r})") from e
+            raise UserError(
+                f"the loader state names documents these shards do not have ({e!r}): the data changed since it "
+                "was saved; resume with that data, or start a fresh run"
+            ) from e
         self._buffer = sorted(buffer, key=lambda entry: entry[:4])
 
 
@@ -248,7 +264,8 @@ def make_loader(
         different documents and yields its own host-local batches.
     base_dir: where the shards were looked for, named in the error when there are none.
     crop_long_docs: keep only the first row of a document longer than a row, as nanochat does.
-    repeat: roll over into the next epoch forever; False stops after one pass over the documents.
+    repeat: roll over into the next epoch forever; False stops after one pass over the documents, the
+        last batch's missing rows padded with targets of -1 (ignored by the loss and the metrics).
     """
     if not shard_paths:
         where = Path(base_dir or "<base_dir>") / "base_data"
@@ -279,8 +296,9 @@ def make_val_loader(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Validation batches, the same on every call and for any process count: every process reads one
     global stream (the validation split is small) and keeps its own batch_size rows of each batch.
-    One pass, so that a split smaller than the tokens asked for is evaluated once, not replayed; but at
-    least one batch: a split too small to fill it is repeated."""
+    One pass, so that a split smaller than the tokens asked for is evaluated once, not replayed, its
+    full rows the same whatever the batch size (the last batch is padded with ignored rows); only a
+    split too small to fill one row is repeated, to fill a batch."""
 
     def batches(repeat: bool):
         return make_loader(

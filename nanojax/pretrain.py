@@ -34,7 +34,7 @@ def horizon(args, flops_per_token: int, scaling_params: int) -> int:
 
 def pretrain(args, base_dir, prompts):
     if args.data:
-        dataset.prepare_data(args.data, base_dir)
+        dataset.prepare_data(args.data, base_dir, keep_options=True)
     else:
         dataset.ensure_data(base_dir)
     train_shards, val_shards = dataset.list_shards(base_dir, "train"), dataset.list_shards(base_dir, "val")

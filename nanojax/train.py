@@ -12,6 +12,8 @@ how finetuning masks its loss: pretraining and SFT share this step.
 import itertools
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from nanojax import __version__
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import UserError, a_few
+from nanojax.common import Interrupted, UserError, a_few
 from nanojax.evaluate import bits_per_byte, bpb_sums
 from nanojax.model import GPT, GPTConfig
 from nanojax.optim import Group, Schedule, build_optimizer
@@ -166,26 +168,27 @@ def make_evaluator(graphdef, mesh, token_bytes, metric: str = "bpb"):
     @jax.jit
     def sums(params, inputs_BT, targets_BT):
         loss_BT = nnx.merge(graphdef, params).loss(inputs_BT, targets_BT, reduction="none")
+        tokens = (targets_BT >= 0).sum()
         if metric == "bpb":
-            return bpb_sums(loss_BT, targets_BT, token_bytes)
-        return loss_BT.sum(), (targets_BT >= 0).sum()
+            return *bpb_sums(loss_BT, targets_BT, token_bytes), tokens
+        return loss_BT.sum(), tokens, tokens
 
     sharding = batch_sharding(mesh)
 
-    def evaluate(params, batches, progress: bool = False) -> float:
-        """progress: a bar on process 0 in a terminal (with an ETA when `batches` has a length), cleared
-        at the end."""
-        nats, count = 0.0, 0
+    def evaluate(params, batches, progress: bool = False) -> tuple[float, int]:
+        """(the metric, the targets it counted, on all processes). progress: a bar on process 0 in a
+        terminal (with an ETA when `batches` has a length), cleared at the end."""
+        nats, count, tokens = 0.0, 0, 0
         quiet = not progress or jax.process_index() != 0
         # disable=None: no bar when stderr is not a terminal, where every redraw would pile up in the log
         batches = tqdm(batches, desc=f"val {metric}", unit="batch", leave=False, disable=True if quiet else None)
         for inputs, targets in batches:
             x, y = (global_batch(a[None], sharding)[0] for a in (inputs, targets))
-            n, c = sums(params, x, y)
-            nats, count = nats + float(n), count + int(c)
+            n, c, t = sums(params, x, y)
+            nats, count, tokens = nats + float(n), count + int(c), tokens + int(t)
         if metric == "bpb":
-            return bits_per_byte(nats, count)
-        return nats / count if count else float("nan")
+            return bits_per_byte(nats, count), tokens
+        return (nats / count if count else float("nan")), tokens
 
     return evaluate
 
@@ -317,14 +320,17 @@ def train(
     local_rows = run.device_batch_size * jax.local_device_count()
     dtype = jnp.dtype(run.dtype)
 
+    # A fresh run sets an earlier run in its folder aside at its first save, not before: a run that fails
+    # to start (a bad flag, out of memory, Ctrl-C while compiling) leaves the model tag as it was. A folder
+    # that is not a run's is refused now, not after the training it would have held.
+    ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints) if run.resume_from_step >= 0 else None
+    if ckpts is None:
+        check_run_folder(Path(run.checkpoint_dir))
     load = init_params if run.resume_from_step < 0 else None  # a resume restores its own params
     state = init_state(
         config, run.optim, mesh, dtype=dtype, fsdp=run.fsdp, seed=run.seed, load_params=load,
         loss_chunk=run.loss_chunk, attention=run.attention,
     )  # fmt: skip
-    # A fresh run sets an earlier run in its folder aside at its first save, not before: a run that fails
-    # to start (a bad flag, out of memory, Ctrl-C while compiling) leaves the model tag as it was.
-    ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints) if run.resume_from_step >= 0 else None
     metric = f"val_{run.eval_metric}"  # val_bpb or val_loss: the History field and the saved keys
     step, loop, loader_state = (
         0,
@@ -360,7 +366,7 @@ def train(
     def evaluate_now(params):
         # eval_batches is only a cap (validation is one pass over a split of unknown size): no ETA.
         batches = itertools.islice(val_batches(local_rows), eval_batches)
-        value = evaluate(params, batches, progress=eval_batches >= PROGRESS_BATCHES)
+        value, _ = evaluate(params, batches, progress=eval_batches >= PROGRESS_BATCHES)
         getattr(history, metric).append((step, value))
         best = loop[f"min_{metric}"]
         loop[f"min_{metric}"] = value if best is None else min(best, value)
@@ -370,7 +376,8 @@ def train(
         return value
 
     def save(params, opt_state, val):
-        nonlocal ckpts
+        nonlocal ckpts, saved_step
+        saved_step = step
         if ckpts is None:
             set_aside_previous_run(Path(run.checkpoint_dir), log)
             ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints)
@@ -384,10 +391,11 @@ def train(
 
     params, opt_state = state.params, state.opt_state
     del state  # the step donates these buffers: keep no second reference
-    val, t_start = None, time.perf_counter()
+    val, saved_step, t_start = None, None, time.perf_counter()
     timer.tick()
     x, y = stack_micro_batches(loader, accum)
     first_step = step + 1  # mostly compilation, in a fresh run and in a resumed one: not timed
+    stop = StopRequest(log)
     try:
         while step < run.num_iterations:
             params, opt_state, losses = step_fn(params, opt_state, global_batch(x, sharding), global_batch(y, sharding))
@@ -433,13 +441,18 @@ def train(
                     for s in history.samples:
                         log(f"sample: {s!r}")
             timer.tick()  # evaluation, sampling and saving don't count as step time
+            if stop.asked and not last:
+                if saved_step != step:
+                    save(params, opt_state, val)
+                raise Interrupted(f"stopped at step {step}, saved: resume with --resume-from-step {step}")
     except KeyboardInterrupt:
         if ckpts:
             ckpts.wait()  # a save in flight is finished, and counts below
         saved = ckpts.latest_step() if ckpts else None
         resume = f"resume with --resume-from-step {saved}" if saved is not None else "no checkpoint was saved"
-        raise UserError(f"interrupted at step {step}: {resume}") from None
+        raise Interrupted(f"interrupted at step {step}: {resume}") from None
     finally:
+        stop.restore()
         if ckpts:
             ckpts.close()  # waits for pending saves: whatever ends the run, a checkpoint being written is kept
 
@@ -459,20 +472,44 @@ def train(
     }  # fmt: skip
 
 
+class StopRequest:
+    """Ctrl-C in the training loop asks it to stop after the step in flight and save that step: a run
+    that saves rarely (by default only at its end) loses nothing. A second Ctrl-C stops at once. Only
+    where Python takes signals (the main thread) and in a single process: the processes of a multi-host
+    run would first have to agree on a step to stop at."""
+
+    def __init__(self, log):
+        self.asked, self._log, self._previous = False, log, None
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGINT, self._ask) or signal.default_int_handler
+
+    def _ask(self, signum, frame):
+        self.asked = True
+        signal.signal(signal.SIGINT, self._previous)
+        self._log("Ctrl-C: stopping after this step, which is saved (Ctrl-C again to stop at once)")
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def is_run_file(path: Path) -> bool:
     """What a run writes in its folder: step directories (and Orbax's temporaries of them), the report."""
     return path.name.split(".", 1)[0].isdigit() or path.name in ("report.md", "loss.png")
+
+
+def check_run_folder(folder: Path) -> None:
+    """A fresh run's folder may hold an earlier run (set aside at the first save), nothing else."""
+    foreign = [p.name for p in folder.iterdir() if not is_run_file(p)] if folder.is_dir() else []
+    if foreign:
+        raise UserError(f"{folder} holds files that no run wrote ({a_few(sorted(foreign))}): pick another --model-tag")
 
 
 def set_aside_previous_run(folder: Path, log) -> None:
     """A fresh run in a folder holding another run's checkpoints renames that folder: nothing is lost.
     A folder holding anything else is not a run's: it is refused, never moved."""
     if jax.process_index() == 0 and folder.is_dir() and any(folder.iterdir()):
-        foreign = [p.name for p in folder.iterdir() if not is_run_file(p)]
-        if foreign:
-            raise UserError(
-                f"{folder} holds files that no run wrote ({a_few(sorted(foreign))}): pick another --model-tag"
-            )
+        check_run_folder(folder)
         aside = folder.with_name(f"{folder.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}")
         folder.rename(aside)
         log(f"{folder} held an earlier run: moved it to {aside}")
@@ -512,10 +549,12 @@ def check_compatible(meta: dict, config: GPTConfig, tokenizer, where) -> None:
 
 # Flags that leave a resumed run's losses and weights as they would have been: where it saves and
 # reports, how it splits the batch over devices, and which base weights finetuning started from (a
-# resume takes its weights from the checkpoint).
+# resume takes its weights from the checkpoint). --data only names where the base dir's shards came
+# from; other shards are refused (prepare_data, the loader's state).
 BOOKKEEPING_FLAGS = {
     "base_dir", "run", "model_tag", "resume_from_step", "eval_every", "eval_tokens", "sample_every", "save_every",
-    "keep_checkpoints", "device_batch_size", "fsdp", "data_readers", "skip_bad_lines", "model_step",
+    "keep_checkpoints", "device_batch_size", "fsdp", "data_readers", "skip_bad_lines", "model_step", "data",
+    "sample_prompt",
 }  # fmt: skip
 
 

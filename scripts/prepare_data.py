@@ -4,6 +4,7 @@
     python -m scripts.prepare_data --source notes/ '*.md'   # your files, folders, globs, .jsonl, .parquet
     python -m scripts.prepare_data --source fineweb -n 8    # download nanochat's FineWeb-Edu shards
 
+Your files are sharded in a seeded shuffle, so the validation shard is not the last folder's files.
 Re-running is safe: finished work is skipped and an interrupted download resumes.
 """
 
@@ -43,12 +44,18 @@ def main(argv=None):
         type=float,
         default=None,
         help="hold out this fraction of documents, drawn at random, as the validation shard "
-        "(default: the last shard, about --shard-chars characters, is validation)",
+        "(default: the last shard, about --shard-chars characters, is validation; a corpus smaller than a "
+        "shard holds out the last tenth of its text)",
     )
     parser.add_argument(
         "--shard-chars", type=positive_int, default=SHARD_CHARS, help=f"characters per shard (default {SHARD_CHARS:,})"
     )
-    parser.add_argument("--seed", type=int, default=0, help="shuffles stdlib files, draws --val-fraction docs")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="shuffles the documents (stdlib) or files (yours) before they are sharded, draws --val-fraction docs",
+    )
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
 

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=every_steps, default=250, help="val bpb every N steps and at the end")
     g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="validation tokens per evaluation")
     g.add_argument("--sample-every", type=every_steps, default=2000, help="samples every N steps and at the end")
+    g.add_argument("--sample-prompt", action="append", default=None, help="a prompt to continue in the samples; "
+                   f"repeatable (default: {', '.join(map(repr, PROMPTS))})")  # fmt: skip
     g.add_argument("--save-every", type=every_steps, default=-1, help="save every N steps and at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's checkpoint")
@@ -80,7 +82,7 @@ def main(argv=None):
     from nanojax.report import num
 
     base_dir = get_base_dir(args.base_dir)
-    summary, report = pretrain(args, base_dir, PROMPTS)
+    summary, report = pretrain(args, base_dir, args.sample_prompt or PROMPTS)
     print(f"val bpb {summary['final_val_bpb']:.4f} | {num(summary['tokens_per_s'], '{:,.0f}')} tok/s | "
           f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip
     print(f"checkpoints: {summary['checkpoint_dir']}\nreport: {report}\nloss curve: {Path(report).parent / 'loss.png'}")

@@ -36,6 +36,10 @@ def main(argv=None):
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
 
+    existing, users = tokenizer_in_use(args.base_dir)
+    if users:  # said before the training, which can be long, not only after it
+        print(f"note: {len(users)} model(s) were trained with the tokenizer in {tokenizer_dir(args.base_dir)}; "
+              "the new one is saved only if it comes out the same")  # fmt: skip
     skipped = []
     if args.data:
         docs = iter_documents(args.data, skipped)
@@ -72,30 +76,28 @@ def main(argv=None):
     ratio = tok.bytes_per_token(sample)
     print(f"compression: {ratio:.3f} bytes/token on {label} ({sum(map(len, sample)):,} chars)")
 
-    refuse_to_orphan_checkpoints(args.base_dir, tok)
+    if users and tok.fingerprint() != existing.fingerprint():
+        # checkpoints carry no copy of their tokenizer: another one in its place would leave them unusable
+        raise UserError(
+            f"{len(users)} model(s) were trained with the tokenizer in {tokenizer_dir(args.base_dir)} "
+            f"({a_few(p.name for p in users)}); a new one would make them unusable: train it in another "
+            "--base-dir, or move those checkpoints out first"
+        )
     path = tok.save(tokenizer_dir(args.base_dir))
     nonzero = tok.token_bytes[tok.token_bytes > 0]
     print(f"vocab size {tok.get_vocab_size():,}; token bytes mean {nonzero.mean():.2f}, max {nonzero.max()}")
     print(f"saved the tokenizer (fingerprint {tok.fingerprint()}) to {path}")
 
 
-def refuse_to_orphan_checkpoints(base_dir, new: Tokenizer) -> None:
-    """Another tokenizer in place of the one the base dir's checkpoints were trained with would leave
-    them unusable (checkpoints carry no copy). The same one again (a second `make run`) is fine."""
+def tokenizer_in_use(base_dir) -> tuple[Tokenizer | None, list]:
+    """The base dir's tokenizer, if any, and the checkpoints trained with it."""
     folder = tokenizer_dir(base_dir)
     if not (folder / META_FILE).is_file():
-        return
-    existing = Tokenizer.load(folder)
-    if existing.fingerprint() == new.fingerprint():
-        return
+        return None, []
     from nanojax.engine import checkpoints_trained_with  # imports jax: only when there is something to check
 
-    users = checkpoints_trained_with(folder.parent, existing.fingerprint())
-    if users:
-        raise UserError(
-            f"{len(users)} model(s) were trained with the tokenizer in {folder} ({a_few(p.name for p in users)}); "
-            "a new one would make them unusable: train it in another --base-dir, or move those checkpoints out first"
-        )
+    existing = Tokenizer.load(folder)
+    return existing, checkpoints_trained_with(folder.parent, existing.fingerprint())
 
 
 if __name__ == "__main__":

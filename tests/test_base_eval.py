@@ -142,8 +142,12 @@ def test_core_is_the_mean_centered_accuracy(loaded):
 
 def test_val_bpb_equals_trainings(trained, loaded):
     model, meta, tok = loaded
-    bpb, tokens = core_eval.val_bpb(model, tok, dataset.list_shards(trained, "val"), 512, device_batch_size=1)
+    shards = dataset.list_shards(trained, "val")
+    bpb, tokens = core_eval.val_bpb(model, tok, shards, 512, device_batch_size=1)
     assert tokens == 512 and bpb == pytest.approx(meta["val_bpb"], abs=1e-6)
+    # The whole split, once, whatever the batch size: the last batch is padded, not filled by a replay.
+    (bpb_1, tokens_1), (bpb_4, tokens_4) = (core_eval.val_bpb(model, tok, shards, 10**9, b) for b in (1, 4))
+    assert tokens_1 == tokens_4 and tokens_1 % 32 == 0 and bpb_1 == pytest.approx(bpb_4, rel=1e-6)
 
 
 def test_base_eval_script(trained, loaded, capsys):

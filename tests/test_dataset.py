@@ -113,18 +113,22 @@ def test_prepare_user_folder_is_idempotent(user_folder, tmp_path, capsys):
     assert manifest["complete"] and manifest["skipped_files"] == 1
     train, val = list_shards(base, "train"), list_shards(base, "val")
     assert [p.name for p in train + val] == ["shard_00000.parquet", "shard_00001.parquet"]
-    assert read_shards(train + val) == list(iter_documents([user_folder]))
-    assert len(read_shards(val)) == 1  # a tiny corpus still holds out one document
+    # every document once, its files in a seeded shuffle (validation is then no one folder's files)
+    assert "".join(read_shards(train + val)) == "".join(iter_documents([user_folder], shuffle_seed=0))
+    assert len(read_shards(val)) == 1  # a tiny corpus holds out the end of its last document
 
     stamps = {p: p.stat().st_mtime_ns for p in data_dir(base).iterdir()}
     assert prepare_data([str(user_folder)], base) == manifest
     assert "nothing to do" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in data_dir(base).iterdir()} == stamps
 
-    with pytest.raises(UserError, match=r"already holds shards from \d+ file\(s\) \(/"):
+    with pytest.raises(UserError, match=f"already holds shards from \\d+ files under {user_folder}:"):
         prepare_data("stdlib", base)
     prepare_data([str(user_folder)], base, val_fraction=0.5)  # same source, other options: rewritten
     assert len(list_shards(base, "train") + list_shards(base, "val")) == 2
+    # pretrain --data: the same files keep the options they were prepared with
+    assert prepare_data([str(user_folder)], base, keep_options=True)["options"]["val_fraction"] == 0.5
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_single_document_is_split_for_validation(tmp_path):
@@ -136,6 +140,20 @@ def test_single_document_is_split_for_validation(tmp_path):
         read_shards(list_shards(tmp_path / "base", "val")),
     )
     assert train == ["".join(lines[:90])] and val == ["".join(lines[90:])]
+
+
+@pytest.mark.parametrize("sizes", [[100] * 20, [30, 40, 5000]])
+def test_a_corpus_within_one_shard_holds_out_a_tenth_of_its_text(tmp_path, sizes):
+    """Whole documents at the end, or, where the last is over half of the text (a few long files), its end."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for i, size in enumerate(sizes):
+        (files / f"{i:02d}.txt").write_text("".join(f"{i:02d}:{j:04d}\n" for j in range(size)))
+    prepare_data([str(files)], tmp_path / "base")
+    train, val = (read_shards(list_shards(tmp_path / "base", split)) for split in ("train", "val"))
+    assert "".join(sorted(train + val)) == "".join(sorted((files / f).read_text() for f in sorted(os.listdir(files))))
+    share = sum(map(len, val)) / sum(map(len, train + val))
+    assert 0.09 <= share <= 0.11 and (len(val) == 2 if sizes[0] == 100 else 1 <= len(val) <= 3)
 
 
 def test_shards_split_by_size_and_last_is_validation(tmp_path):
@@ -293,5 +311,5 @@ def test_a_corpus_of_empty_files_names_them(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "empty.txt").write_text("")
     (tmp_path / "notes" / "image.bin").write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(UserError, match=r"no UTF-8 text in .*notes: of its 2 file\(s\), 1 are binary"):
+    with pytest.raises(UserError, match=r"no UTF-8 text in .*notes: 2 file\(s\), 1 not UTF-8, 1 empty"):
         prepare_data([str(tmp_path / "notes")], tmp_path / "base")

@@ -177,13 +177,24 @@ def test_long_documents_are_cut_into_rows_not_cropped(tmp_path):
     assert b"100" not in cropped  # nanochat's packing keeps only the first row of it
 
 
-def test_val_loader_is_one_pass_and_the_same_each_time(corpus):
+def test_val_loader_is_one_pass_the_same_each_time_and_for_any_batch_size(corpus):
     paths, shards = corpus
-    val = [list(make_val_loader(paths, ByteTokenizer(), B, T, process_index=0, process_count=1)) for _ in range(2)]
-    assert_same(val[0], val[1])
+
+    def val(batch_size):
+        return list(make_val_loader(paths, ByteTokenizer(), batch_size, T, process_index=0, process_count=1))
+
+    def full_rows(batches):  # and checks that the rest, at the end, are padding
+        x, y = (np.concatenate(a) for a in zip(*batches, strict=True))
+        n = int((y[:, 0] >= 0).sum())
+        assert (y[:n] >= 0).all() and (y[n:] == -1).all() and len(y) - n < len(batches[-1][0])
+        return x[:n], y[:n]
+
+    batches = val(B)
+    assert_same(batches, val(B))
+    assert_same([full_rows(batches)], [full_rows(val(1))])  # the same rows, the last batch padded
     one_pass = sum(len(p) for shard in shards for t in shard for p in pieces(ByteTokenizer().encode([t], 0)[0], False))
-    # Every token of one pass, less the unfinished last batch and what best fit crops: never a replay.
-    assert one_pass - 2 * B * (T + 1) < len(val[0]) * B * (T + 1) <= one_pass
+    # Every token of one pass, less the unfinished last row and what best fit crops: never a replay.
+    assert one_pass - 2 * B * (T + 1) < len(full_rows(batches)[0]) * (T + 1) <= one_pass
 
 
 def test_val_split_smaller_than_a_batch_gives_one_batch(tmp_path):
@@ -251,13 +262,16 @@ def test_more_processes_than_chunks(corpus):
         loader(paths, process_index=99, process_count=100)
 
 
-def test_state_that_does_not_fit_the_data(corpus):
+def test_state_that_does_not_fit_the_data(corpus, tmp_path):
     paths, _ = corpus
     it = loader(paths)
     take(it, 3)
     state = it.get_state()
     with pytest.raises(UserError, match="does not fit"):
         loader(paths[:2], state=state)
+    rewritten, _ = write_shards(tmp_path, make_texts(140), 3)  # re-prepared: as many shards, fewer documents
+    with pytest.raises(UserError, match="'documents': 150.*'documents': 140.*with, or start a fresh run"):
+        loader(rewritten, state=state)
     with pytest.raises(UserError, match="does not fit"):
         loader(paths, process_index=0, process_count=2, state=state)
     with pytest.raises(UserError, match="do not have"):

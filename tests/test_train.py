@@ -2,6 +2,7 @@
 
 import math
 import shutil
+import signal
 from pathlib import Path
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 
 from nanojax import dataset
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import UserError, cli
+from nanojax.common import Interrupted, UserError, cli
 from nanojax.model import GPT, GPTConfig, param_paths
 from nanojax.optim import Schedule, setup_groups
 from nanojax.pretrain import pretrain
@@ -165,8 +166,8 @@ def run(base, *extra):
 def test_a_resume_names_the_training_settings_it_changes():
     logged = []
     saved = {"total_batch_size": 2048, "matrix_lr": 0.02, "save_every": 5, "device_batch_size": 1, "data": ["a"]}
-    note_changed_settings(saved, saved | {"save_every": 10, "device_batch_size": 2}, logged.append)
-    assert logged == []  # where it saves and how it splits a batch leave the run as it was
+    note_changed_settings(saved, saved | {"save_every": 10, "device_batch_size": 2, "data": None}, logged.append)
+    assert logged == []  # where it saves, how it splits a batch, --data again or not leave the run as it was
     note_changed_settings(saved, saved | {"total_batch_size": 4096, "matrix_lr": 0.03}, logged.append)
     assert logged == [
         "note: resuming with settings the checkpoint was not trained with: total_batch_size 2048 -> 4096, "
@@ -194,13 +195,14 @@ def test_help_shows_the_defaults(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-def test_a_fresh_run_moves_only_a_runs_folder_aside(tiny_base, capsys):
+def test_a_fresh_run_moves_only_a_runs_folder_aside(tiny_base, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         parse_args([*TINY_RUN, "--model-tag=../tokenizer"])
     assert "--model-tag: must be a folder name" in capsys.readouterr().err
     notes = tiny_base / "base_checkpoints" / "notes"
     notes.mkdir(parents=True)
     (notes / "todo.txt").write_text("mine")
+    monkeypatch.setattr("nanojax.train.init_state", None)  # refused before the model is even made
     with pytest.raises(UserError, match="holds files that no run wrote \\(todo.txt\\): pick another --model-tag"):
         run(tiny_base, "--num-iterations=1", "--model-tag=notes")
     assert (notes / "todo.txt").read_text() == "mine"
@@ -280,15 +282,25 @@ def test_failed_start_keeps_the_earlier_run_and_samples_never_cost_a_checkpoint(
     assert Checkpoints(folder).steps() == [2] and len(list(folder.parent.glob("kept-previous-*"))) == 1
 
 
-def test_ctrl_c_keeps_the_checkpoints_and_says_how_to_resume(tiny_base, monkeypatch):
-    def interrupt_at_step_3(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
+def test_ctrl_c_saves_the_step_in_flight_and_a_second_stops_at_once(tiny_base, monkeypatch, capsys):
+    def ctrl_c_at(step, times):
+        def on_metrics(at, metrics):
+            if at == step:
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr("nanojax.pretrain.wandb_logger", lambda *_: interrupt_at_step_3)
-    with pytest.raises(UserError, match="interrupted at step 3: resume with --resume-from-step 2"):
-        run(tiny_base, "--num-iterations=6", "--save-every=2", "--model-tag=ctrl_c")
-    assert Checkpoints(tiny_base / "base_checkpoints" / "ctrl_c").steps() == [2]
+        return on_metrics
+
+    folder, handler = tiny_base / "base_checkpoints" / "ctrl_c", signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr("nanojax.pretrain.wandb_logger", lambda *_: ctrl_c_at(3, 1))
+    with pytest.raises(Interrupted, match="stopped at step 3, saved: resume with --resume-from-step 3"):
+        run(tiny_base, "--num-iterations=6", "--save-every=-1", "--model-tag=ctrl_c")  # saves only at its end
+    assert Checkpoints(folder).steps() == [3] and "Ctrl-C again to stop at once" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's is gone
+    monkeypatch.setattr("nanojax.pretrain.wandb_logger", lambda *_: ctrl_c_at(5, 2))
+    with pytest.raises(Interrupted, match="interrupted at step 5: resume with --resume-from-step 4"):
+        run(tiny_base, "--num-iterations=6", "--save-every=2", "--model-tag=ctrl_c", "--resume-from-step=3")
+    assert Checkpoints(folder).steps() == [3, 4]
 
 
 def test_out_of_memory_is_one_line(capsys):
