@@ -15,6 +15,7 @@ array goes, so a checkpoint written from 4 devices reads back onto 1 and the rev
 """
 
 import json
+import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from nanojax.common import UserError
+from nanojax.common import UserError, a_few
 
 TREE_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("loader_state", "metadata")
@@ -45,6 +47,12 @@ def _quiet_read_aftermath(report, default=sys.unraisablehook):
 
 
 sys.unraisablehook = _quiet_read_aftermath
+# Orbax logs each failure of a background save through absl, a traceback per thread (hundreds of lines
+# for a full disk), before the error reaches us and is said in one line, and asyncio then reports the
+# same error for each of TensorStore's writes or reads left in flight. Orbax's warnings (a temporary
+# folder of an interrupted save being replaced) are its own housekeeping.
+logging.getLogger("absl").setLevel(logging.CRITICAL)
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 @dataclass
@@ -63,6 +71,7 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = None):
         self.directory = Path(directory).expanduser().resolve()
+        self._saving: int | None = None  # the step of the latest save, whose errors surface later
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for name in TREE_ITEMS:  # registered up front so a fresh manager can read item metadata
             registry.add(name, ocp.args.StandardSave)
@@ -154,16 +163,33 @@ class Checkpoints:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         if loader_state is not None:
             items["loader_state"] = ocp.args.JsonSave(_as_json(loader_state))
+        self.wait()  # the previous save's errors, if any, under its own step
+        self._saving = step
         self.directory.mkdir(parents=True, exist_ok=True)
         # force=True: Orbax silently skips (returns False) a step below its latest; we never want that.
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._written(lambda: self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
     def wait(self) -> None:
         """Block until pending async saves are committed (and old ones pruned); raises their errors."""
-        self._manager.wait_until_finished()
+        self._written(self._manager.wait_until_finished)
 
     def close(self) -> None:
-        self._manager.close()  # waits for pending saves first
+        self._written(self._manager.close)  # waits for pending saves first
+
+    def _written(self, fn) -> None:
+        """Run a save or a wait for one: a save that failed (a full disk, a read-only folder), now or in
+        the background, is one line naming it and what is left."""
+        try:
+            fn()
+        except UserError:
+            raise
+        except Exception as e:
+            if self._saving is None:
+                raise
+            raise UserError(
+                f"the checkpoint of step {self._saving} could not be written to {self.directory} ({_root_cause(e)}): "
+                f"free some space or pass another --base-dir; complete checkpoints: {self.steps() or 'none'}"
+            ) from e
 
     def __enter__(self):
         return self
@@ -186,9 +212,11 @@ class Checkpoints:
         step = self.resolve_step(step)
         later = [s for s in self._step_dirs() if s > step]
         if later:
+            latest = self.latest_step()
+            hint = f"resume from the latest, {latest}, or " if latest != step else ""
             raise UserError(
-                f"resuming from step {step} but later checkpoints {later} exist in {self.directory}; "
-                "resume from the latest step or move the later ones aside"
+                f"resuming from step {step} but later checkpoints {later} exist in {self.directory}: {hint}"
+                f"move {'them' if len(later) > 1 else 'it'} aside to resume from {step}"
             )
         saved = set(self._item_names(step))
         for name in ("opt_state", "loader_state"):
@@ -206,11 +234,12 @@ class Checkpoints:
             loader_state=ocp.args.JsonRestore(),
             metadata=ocp.args.JsonRestore(),
         )
+        self._check_finite(step, {"params": r.params, "opt_state": r.opt_state})
         return Restored(step, r.params, r.opt_state, r.loader_state, r.metadata)
 
     def restore_params(self, step: int | None = None, params=None) -> Restored:
         """Params + metadata for inference. Without a target, arrays land on the default device as
-        a nested dict keyed by strings (an nnx.Param's array sits under "value")."""
+        a nested dict keyed by strings, as they were saved."""
         step = self.resolve_step(step)
         if params is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -219,6 +248,7 @@ class Checkpoints:
         else:
             self._check_shapes(step, "params", params)
         r = self._read(step, params=ocp.args.StandardRestore(_abstract(params)), metadata=ocp.args.JsonRestore())
+        self._check_finite(step, {"params": r.params})
         return Restored(step, r.params, None, None, r.metadata)
 
     # ---- internals -------------------------------------------------------------------------
@@ -235,17 +265,27 @@ class Checkpoints:
             raise
         except Exception as e:
             others = [s for s in self.steps() if s != step]
-            root = e  # Orbax wraps TensorStore's error (which names the bad file) in a vaguer one
-            while root.__cause__ or root.__context__:
-                root = root.__cause__ or root.__context__
-            detail = (str(root).strip().splitlines() or [""])[0][:300]
             raise UserError(
                 f"checkpoint at {self.step_dir(step)} could not be read, it may be corrupt or half-written "
-                f"({type(root).__name__}: {detail}); restore another step (available: {others or 'none'})"
+                f"({_root_cause(e)}); restore another step (available: {others or 'none'})"
             ) from e
 
     def _read(self, step: int, **items) -> ocp.args.Composite:
         return self._guarded(step, lambda: self._manager.restore(step, args=ocp.args.Composite(**items)))
+
+    def _check_finite(self, step: int, trees: dict) -> None:
+        """Training never saves a nan or an inf (it stops first), so one read back means damaged files
+        that Orbax read without complaint (it keeps no checksums): a flipped bit, say."""
+        leaves = jax.tree_util.tree_flatten_with_path(trees)[0]
+        leaves = [(path, x) for path, x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+        finite = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in leaves])
+        bad = [".".join(_key_name(k) for k in path) for (path, _), ok in zip(leaves, finite, strict=True) if not ok]
+        if bad:
+            others = [s for s in self.steps() if s != step]
+            raise UserError(
+                f"checkpoint at {self.step_dir(step)} holds non-finite values ({a_few(bad)}), so its files are "
+                f"damaged; restore another step (available: {others or 'none'})"
+            )
 
     def _check_shapes(self, step: int, name: str, target) -> None:
         """Compare saved and wanted shapes leaf by leaf, for a message better than Orbax's."""
@@ -267,6 +307,16 @@ class Checkpoints:
             f"checkpoint at {where} holds {name} of a different structure ({summary}); resume with the "
             "optimizer settings it was saved with, or start a new run with a different --model-tag"
         )
+
+
+def _root_cause(e: Exception) -> str:
+    """Orbax wraps TensorStore's error (which names the file and the reason) in vaguer ones."""
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    line = (str(e).strip().splitlines() or [""])[0]
+    if len(line) > 300:  # its start says what was read or written, its end why it failed
+        line = f"{line[:120]} ... {line[-160:]}"
+    return f"{type(e).__name__}: {line}"
 
 
 def _key_name(k) -> str:

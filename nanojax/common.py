@@ -4,6 +4,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from functools import wraps
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def every_steps(text: str) -> int:
     return -1 if text.strip() == "-1" else _int_at_least(text, 1, "a positive step interval, or -1 for the end only")
 
 
+def checkpoint_step(text: str) -> int:
+    """An argparse type for --resume-from-step: a checkpoint's step, or -1 for a fresh run."""
+    return -1 if text.strip() == "-1" else _int_at_least(text, 1, "a checkpoint's step, or -1 for a fresh run")
+
+
 def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
@@ -115,6 +121,8 @@ def cli(main):
 
     @wraps(main)
     def run(*args, **kwargs):
+        # A warning (an incomplete checkpoint skipped, say) is one line too, not Python's with its source line.
+        warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
         try:
             return main(*args, **kwargs)
         except UserError as e:

@@ -344,6 +344,9 @@ class Engine:
         P, B, C = len(tokens), num_samples, self.chunk
         if P == 0:
             raise UserError("empty prompt: give at least one token (e.g. <|bos|>)")
+        vocab = self.config.vocab_size
+        if not all(isinstance(t, int | np.integer) and 0 <= t < vocab for t in tokens):
+            raise UserError(f"the prompt must be token ids in [0, {vocab}): encode text with the tokenizer first")
         if max_tokens is None:
             max_tokens = max(self.config.sequence_len - P, 1)
         if num_samples < 1 or max_tokens < 1 or temperature < 0:
@@ -433,6 +436,8 @@ CHECKPOINT_SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints"}
 
 def find_checkpoint_dir(base_dir, source: str = "base", model_tag: str | None = None) -> Path:
     """<base_dir>/<source's folder>/<model_tag>, the most recently written tag when none is given."""
+    if source not in CHECKPOINT_SOURCES:
+        raise UserError(f"no checkpoint source {source!r}: use one of {', '.join(CHECKPOINT_SOURCES)}")
     root = Path(base_dir) / CHECKPOINT_SOURCES[source]
     tags = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if model_tag is None:

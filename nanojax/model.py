@@ -408,6 +408,8 @@ class GPT(nnx.Module):
         groups: the mean is taken in each of this many equal slices of the rows, then averaged, as
         nanochat averages one mean per GPU; the train step passes its number of devices, so a finetuning
         loss (whose rows hold different numbers of targets) is the same on any number of them."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction {reduction!r}: use 'mean', 'sum' or 'none'")
         if self.loss_chunk is None:
             return cross_entropy(self(idx_BT), targets_BT, reduction, groups)
         x_NC = rms_norm(self.trunk(idx_BT))

@@ -9,12 +9,16 @@ with `lax.scan`, each micro-loss divided by A as nanochat does. Targets of -1 ar
 how finetuning masks its loss: pretraining and SFT share this step.
 """
 
+import fcntl
 import itertools
 import json
 import math
+import os
 import signal
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -303,6 +307,41 @@ def train(
     on_metrics(step, dict), if given, receives each step's metrics (e.g. for Weights & Biases);
     init_params(targets) -> params, if given, starts a fresh run from these weights (see init_state).
     """
+    with claimed(Path(run.checkpoint_dir)):
+        return _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params)
+
+
+@contextmanager
+def claimed(folder: Path):
+    """The run's checkpoint folder, checked writable now (not at a first save after hours of training)
+    and held for this run alone: a second run of the same model tag would move the first's folder aside,
+    or save into it. The lock file sits beside the folder, so setting the folder aside keeps it."""
+    where = folder if folder.is_dir() else folder.parent
+    if jax.process_index() != 0:
+        yield
+        return
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
+        lock = (folder.parent / f".{folder.name}.lock").open("a+")
+    except OSError as e:
+        raise UserError(f"can't write checkpoints in {where} ({e.strerror}): pass another --base-dir") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process ends
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(
+                f"another run (process {lock.read().strip() or '?'}) is training into {folder}: wait for it to "
+                "end, or pick another --model-tag"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params) -> dict:
     config = run.model_config
     if run.resume_from_step >= run.num_iterations:
         raise UserError(

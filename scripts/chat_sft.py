@@ -15,7 +15,16 @@ whole into rows of --max-seq-len tokens and the loss counts the assistant's toke
 import argparse
 from pathlib import Path
 
-from nanojax.common import HelpFormatter, add_compute_flags, cli, every_steps, get_base_dir, model_tag, positive_int
+from nanojax.common import (
+    HelpFormatter,
+    add_compute_flags,
+    checkpoint_step,
+    cli,
+    every_steps,
+    get_base_dir,
+    model_tag,
+    positive_int,
+)
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["What is 12+30?", "How many 'r' are in 'strawberry'?", "Hi!"]
@@ -59,7 +68,7 @@ def parse_args(argv=None):
     g.add_argument("--sample-every", type=every_steps, default=-1, help="answers every N steps and at the end")
     g.add_argument("--save-every", type=every_steps, default=-1, help="save every N steps and at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
-    g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's SFT checkpoint")
+    g.add_argument("--resume-from-step", type=checkpoint_step, default=-1, help="resume from this SFT checkpoint")
     g = p.add_argument_group("run")
     a("--run", default="dummy", help="Weights & Biases run name (needs `pip install wandb`); 'dummy' disables logging")
     a("--base-dir", default=None, help="where data, tokenizer and checkpoints live (default $NANOJAX_BASE_DIR "

@@ -12,7 +12,16 @@ Checkpoints, report.md and loss.png go to <base_dir>/base_checkpoints/<model tag
 import argparse
 from pathlib import Path
 
-from nanojax.common import HelpFormatter, add_compute_flags, cli, every_steps, get_base_dir, model_tag, positive_int
+from nanojax.common import (
+    HelpFormatter,
+    add_compute_flags,
+    checkpoint_step,
+    cli,
+    every_steps,
+    get_base_dir,
+    model_tag,
+    positive_int,
+)
 from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["The capital of France is", "def main(", "import ", "If yesterday was Friday, then tomorrow will be"]
@@ -57,7 +66,7 @@ def parse_args(argv=None):
                    f"repeatable (default: {', '.join(map(repr, PROMPTS))})")  # fmt: skip
     g.add_argument("--save-every", type=every_steps, default=-1, help="save every N steps and at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
-    g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step's checkpoint")
+    g.add_argument("--resume-from-step", type=checkpoint_step, default=-1, help="resume from this step's checkpoint")
     g.add_argument("--model-tag", type=model_tag, default=None, help="checkpoint folder name (default d<depth>)")
     g = p.add_argument_group("run")
     a("--run", default="dummy", help="Weights & Biases run name (needs `pip install wandb`); 'dummy' disables logging")

@@ -221,8 +221,30 @@ def test_refuses_to_overwrite_or_fork(tmp_path):
         save(ckpts, 2, params, opt_state)
         with pytest.raises(UserError, match="already exists"):
             save(ckpts, 2, params, opt_state)
-    with pytest.raises(UserError, match=r"later checkpoints \[2\] exist"):
+    with pytest.raises(UserError, match=r"later checkpoints \[2\] exist .*: resume from the latest, 2, or move it"):
         Checkpoints(tmp_path).restore(1, params=abstract(params), opt_state=abstract(opt_state))
+
+
+def test_a_failed_write_is_one_line_naming_the_step_and_what_is_left(tmp_path):
+    with Checkpoints(tmp_path) as ckpts:
+        save(ckpts, 1, dict_params())
+        ckpts.wait()
+
+        def full_disk(*args, **kwargs):
+            raise ValueError("wrapper") from OSError(28, "No space left on device")
+
+        ckpts._manager.save = full_disk
+        with pytest.raises(UserError, match=r"step 2 could not be written .*No space left.* checkpoints: \[1\]"):
+            save(ckpts, 2, dict_params())
+
+
+def test_non_finite_values_read_back_are_damage(tmp_path):
+    params = dict_params()
+    params["blocks"]["b"] = params["blocks"]["b"].at[3].set(jnp.nan)  # as a flipped exponent bit reads
+    with Checkpoints(tmp_path) as ckpts:
+        save(ckpts, 1, params)
+    with pytest.raises(UserError, match=r"1 holds non-finite values \(params.blocks.b\), so its files are damaged"):
+        Checkpoints(tmp_path).restore_params(1, abstract(params))
 
 
 def test_arrays_may_be_donated_after_save_returns(tmp_path):

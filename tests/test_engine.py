@@ -241,6 +241,9 @@ def test_stop_tokens_end_generation():
     assert [c[0] for c, _ in columns] == ids("ab", "<|bos|>")
     text = "".join(Engine(model, CharTokenizer()).stream(bos, max_tokens=30, temperature=0.0))
     assert text == "ab"
+    for prompt in ([model.config.vocab_size], "ab"):  # an id past the vocabulary; text, not ids
+        with pytest.raises(UserError, match="the prompt must be token ids in"):
+            next(Engine(model, CharTokenizer()).generate(prompt))
 
 
 @pytest.mark.parametrize(
@@ -322,6 +325,8 @@ def test_a_tag_of_the_other_source_is_named_in_the_error(tmp_path):
     (tmp_path / "base_checkpoints" / "t").mkdir(parents=True)
     with pytest.raises(UserError, match="'t' is a base model: finetune it with scripts.chat_sft, or pass --source"):
         find_checkpoint_dir(tmp_path, "sft", "t")
+    with pytest.raises(UserError, match="no checkpoint source 'chat': use one of base, sft"):
+        find_checkpoint_dir(tmp_path, "chat", "t")
 
 
 def test_sample_script_refuses_a_long_prompt_before_echoing_it(trained, capsys):

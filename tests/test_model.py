@@ -267,6 +267,8 @@ def test_loss_ignores_minus_one_and_reductions_agree():
     none = model.loss(idx, targets, reduction="none")
     assert none[0, 3] == 0
     np.testing.assert_allclose(model.loss(idx, targets), none.sum() / 15, rtol=1e-6)
+    with pytest.raises(ValueError, match="reduction 'avg': use 'mean', 'sum' or 'none'"):
+        model.loss(idx, targets, reduction="avg")
 
 
 def test_nanochat_state_dict_round_trip():

@@ -1,6 +1,7 @@
 """The train step and loop: accumulation, sharding, exact resume, bad input. 8 simulated CPU devices."""
 
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -24,6 +25,7 @@ from nanojax.tokenizer import Tokenizer, tokenizer_dir
 from nanojax.train import (
     OptimSettings,
     TrainState,
+    claimed,
     init_state,
     make_train_step,
     note_changed_settings,
@@ -178,7 +180,8 @@ def test_a_resume_names_the_training_settings_it_changes():
 @pytest.mark.parametrize(
     "flag,message",
     [("--eval-every=0", "must be a positive step interval, or -1 for the end only"),
-     ("--save-every=-2", "must be a positive step interval"), ("--eval-tokens=0", "must be a positive integer")],
+     ("--save-every=-2", "must be a positive step interval"), ("--eval-tokens=0", "must be a positive integer"),
+     ("--resume-from-step=-5", "must be a checkpoint's step, or -1 for a fresh run")],
 )  # fmt: skip
 def test_intervals_and_counts_are_checked(flag, message, capsys):
     with pytest.raises(SystemExit):
@@ -280,6 +283,13 @@ def test_failed_start_keeps_the_earlier_run_and_samples_never_cost_a_checkpoint(
     pretrain(args, tiny_base, ["alpha " * 400])
     assert "samples skipped: sequence of" in capsys.readouterr().out
     assert Checkpoints(folder).steps() == [2] and len(list(folder.parent.glob("kept-previous-*"))) == 1
+
+
+def test_one_run_at_a_time_per_model_tag(tiny_base, monkeypatch):
+    monkeypatch.setattr("nanojax.train.init_state", None)  # refused before the model is even made
+    with claimed(tiny_base / "base_checkpoints" / "busy"):
+        with pytest.raises(UserError, match=f"another run \\(process {os.getpid()}\\) is training into .*busy: wait"):
+            run(tiny_base, "--num-iterations=1", "--model-tag=busy")
 
 
 def test_ctrl_c_saves_the_step_in_flight_and_a_second_stops_at_once(tiny_base, monkeypatch, capsys):
