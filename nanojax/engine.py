@@ -415,7 +415,9 @@ class Engine:
 
     def stream(self, tokens: list[int], **kwargs) -> Iterator[str]:
         """One sample's text as it is generated, up to its stop token; a character split over tokens
-        is held back until complete."""
+        is held back until complete. Needs the Engine's tokenizer, to decode."""
+        if self.tokenizer is None:
+            raise ValueError("stream decodes text: make the Engine with a tokenizer (or use generate for ids)")
         ids, sent = [], 0
         for column, _ in self.generate(tokens, num_samples=1, **kwargs):
             if column[0] in self.stop_tokens:

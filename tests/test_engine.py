@@ -241,6 +241,8 @@ def test_stop_tokens_end_generation():
     assert [c[0] for c, _ in columns] == ids("ab", "<|bos|>")
     text = "".join(Engine(model, CharTokenizer()).stream(bos, max_tokens=30, temperature=0.0))
     assert text == "ab"
+    with pytest.raises(ValueError, match="make the Engine with a tokenizer"):
+        next(Engine(model).stream(bos))
     for prompt in ([model.config.vocab_size], "ab"):  # an id past the vocabulary; text, not ids
         with pytest.raises(UserError, match="the prompt must be token ids in"):
             next(Engine(model, CharTokenizer()).generate(prompt))
