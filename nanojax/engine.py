@@ -485,6 +485,7 @@ def load_model(checkpoint_dir, step: int | None = None, dtype=jnp.float32) -> tu
 def load_for_inference(base_dir, source: str, model_tag: str | None, step: int | None, dtype=jnp.float32):
     """A checkpoint's model with the base dir's tokenizer, refused if they don't belong together:
     (model, tokenizer, metadata, checkpoint_dir). What sample, chat_cli and base_eval start from."""
+    base_dir = Path(base_dir).expanduser()
     checkpoint_dir = find_checkpoint_dir(base_dir, source, model_tag)
     model, meta = load_model(checkpoint_dir, step, dtype)
     tokenizer = get_tokenizer(base_dir)
