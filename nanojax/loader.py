@@ -202,12 +202,12 @@ class Loader(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict) -> None:
-        layout = {key: value for key, value in self._docs.layout.items() if key in state}  # older states lack some
-        saved = {key: state[key] for key in layout}
-        if saved != layout:
-            raise UserError(
-                f"the loader state does not fit these shards (saved for {saved}, they give {layout}): "
-                "resume with the data, process count and --crop-long-docs it was saved with, or start a fresh run"
+        layout = self._docs.layout
+        diffs = [f"{k}: saved {state[k]}, now {v}" for k, v in layout.items() if k in state and state[k] != v]
+        if diffs:
+            raise UserError(  # keys an older state lacks are not compared
+                f"the loader state does not fit these shards ({'; '.join(diffs)}): resume with the data, process "
+                "count and --crop-long-docs it was saved with, or start a fresh run"
             )
         try:
             self._next_chunk = state["next_chunk"]

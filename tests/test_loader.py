@@ -270,7 +270,7 @@ def test_state_that_does_not_fit_the_data(corpus, tmp_path):
     with pytest.raises(UserError, match="does not fit"):
         loader(paths[:2], state=state)
     rewritten, _ = write_shards(tmp_path, make_texts(140), 3)  # re-prepared: as many shards, fewer documents
-    with pytest.raises(UserError, match="'documents': 150.*'documents': 140.*with, or start a fresh run"):
+    with pytest.raises(UserError, match="shards \\(documents: saved 150, now 140; .*\\): resume with the data"):
         loader(rewritten, state=state)
     with pytest.raises(UserError, match="does not fit"):
         loader(paths, process_index=0, process_count=2, state=state)
