@@ -203,7 +203,7 @@ def prepare_data(
     source: "stdlib", "fineweb" or a list of files, folders and globs.
     num_shards, base_url, num_workers, retries, retry_wait: FineWeb only (base_url defaults to
     $NANOJAX_FINEWEB_URL, else nanochat's). val_fraction: hold out this fraction of documents instead of
-    the last ~shard. seed: shuffles the stdlib files and draws the held-out documents.
+    the last ~shard. seed: shuffles the stdlib documents or your files, and draws the held-out documents.
     keep_options: shards already prepared from the same source are kept whatever options made them
     (pretrain --data, which has no say in them); otherwise other options rewrite them.
     """
