@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -401,6 +402,7 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
     eval_batches = max(1, run.eval_tokens // (run.device_batch_size * T * dp))
     log(f"grad accumulation {accum} x {local_rows} rows x {T} tokens per process, {dp} device(s), "
         f"{run.num_iterations} steps of {run.total_batch_size:,} tokens")  # fmt: skip
+    note_disk_space(Path(run.checkpoint_dir), state, run.keep_checkpoints, log)
 
     def evaluate_now(params):
         # eval_batches is only a cap (validation is one pass over a split of unknown size): no ETA.
@@ -530,6 +532,17 @@ class StopRequest:
     def restore(self):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def note_disk_space(folder: Path, state: TrainState, keep: int | None, log) -> None:
+    """Say at the start, not at a failed save hours later, when the disk can't hold the checkpoints kept
+    (and the one being written before the oldest is pruned)."""
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
+    where = folder if folder.is_dir() else folder.parent
+    free = shutil.disk_usage(where).free
+    if jax.process_index() == 0 and keep and free < size * (keep + 1):
+        log(f"note: {free / 2**30:,.1f} GiB free in {where}, less than {keep + 1} checkpoints of "
+            f"{size / 2**30:,.1f} GiB: saves may fail; free some space or lower --keep-checkpoints")  # fmt: skip
 
 
 def is_run_file(path: Path) -> bool:

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -290,6 +291,14 @@ def test_one_run_at_a_time_per_model_tag(tiny_base, monkeypatch):
     with claimed(tiny_base / "base_checkpoints" / "busy"):
         with pytest.raises(UserError, match=f"another run \\(process {os.getpid()}\\) is training into .*busy: wait"):
             run(tiny_base, "--num-iterations=1", "--model-tag=busy")
+
+
+def test_too_little_disk_for_the_checkpoints_is_said_at_the_start(tiny_base, monkeypatch, capsys):
+    monkeypatch.setattr("nanojax.train.shutil.disk_usage", lambda _: SimpleNamespace(free=2**20))
+    run(tiny_base, "--num-iterations=1", "--model-tag=disk", "--keep-checkpoints=2")
+    out = capsys.readouterr().out
+    assert "note: 0.0 GiB free in" in out and "less than 3 checkpoints of" in out
+    assert out.index("note: 0.0 GiB free") < out.index("step 00001")
 
 
 def test_ctrl_c_saves_the_step_in_flight_and_a_second_stops_at_once(tiny_base, monkeypatch, capsys):
