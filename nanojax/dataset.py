@@ -60,6 +60,12 @@ def ensure_data(base_dir=None) -> Path:
     """The data folder, holding the standard-library corpus if it held no shards yet."""
     folder = data_dir(base_dir)
     if not any(folder.glob("shard_*.parquet")):
+        manifest = _read_manifest(folder)
+        if manifest and manifest["source"] != "stdlib":  # a preparation of other data failed or was cut short
+            raise UserError(
+                f"{folder} holds an unfinished preparation of other data: run prepare_data on that data again "
+                "(or delete the folder to use the Python standard library)"
+            )
         print(f"no data shards in {folder}: preparing the Python standard library corpus")
         prepare_data("stdlib", base_dir)
     return folder

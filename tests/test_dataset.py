@@ -313,3 +313,6 @@ def test_a_corpus_of_empty_files_names_them(tmp_path):
     (tmp_path / "notes" / "image.bin").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(UserError, match=r"no UTF-8 text in .*notes: 2 file\(s\), 1 not UTF-8, 1 empty"):
         prepare_data([str(tmp_path / "notes")], tmp_path / "base")
+    # what needs data next (tok_train, pretrain) does not quietly fall back to the standard library
+    with pytest.raises(UserError, match="holds an unfinished preparation of other data: run prepare_data"):
+        ensure_data(tmp_path / "base")
