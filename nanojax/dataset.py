@@ -9,6 +9,7 @@ per line (its `text` field), any other file is one document if it is UTF-8 text;
 and counted. A `manifest.json` next to the shards records what they hold, so re-running is a no-op.
 """
 
+import fcntl
 import glob
 import http.client
 import json
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +35,7 @@ FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle
 SHARD_CHARS = 2_000_000  # about 2 MB of text per shard: the stdlib corpus (~12 MB) gives ~5 train shards
 TINY_VAL_FRACTION = 0.1  # held out when the whole corpus fits in one shard
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held shared by runs reading the shards, exclusively by prepare_data writing them
 TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 
 
@@ -247,27 +250,46 @@ def prepare_data(
         print(f"{folder} already holds the prepared shards; nothing to do")
         return manifest
 
-    _write_manifest(folder, {**request, "complete": False})
-    if fineweb:
-        stats = _download_shards(folder, base_url, num_shards, num_workers, retries, retry_wait)
-    else:
-        for path in existing:  # same source, other options: rewrite from scratch
-            path.unlink()
-        skipped = []
-        if sources == ["stdlib"]:
-            docs = list(iter_documents(stdlib_files(), skipped))
-            random.Random(seed).shuffle(docs)
-        else:  # files in a shuffled order: the last shard, validation, is then no one folder's files
-            docs = iter_documents(sources, skipped, shuffle_seed=seed)
-        docs = tqdm(docs, desc="writing shards", unit="doc", disable=None)  # None: only in a terminal
-        stats = _write_shards(folder, docs, shard_chars, val_fraction, seed)
-        stats["skipped_files"] = len(skipped)
-        if skipped:
-            print(f"skipped {len(skipped)} file(s) that are not UTF-8 text (convert them, e.g. with iconv), "
-                  f"e.g. {skipped[0]}")  # fmt: skip
-    manifest = {**request, **stats, "complete": True}
-    _write_manifest(folder, manifest)
-    return manifest
+    with _locked(folder, fcntl.LOCK_EX, "a run is training on them: wait for it to end, or pass another --base-dir"):
+        _write_manifest(folder, {**request, "complete": False})
+        if fineweb:
+            stats = _download_shards(folder, base_url, num_shards, num_workers, retries, retry_wait)
+        else:
+            for path in existing:  # same source, other options: rewrite from scratch
+                path.unlink()
+            skipped = []
+            if sources == ["stdlib"]:
+                docs = list(iter_documents(stdlib_files(), skipped))
+                random.Random(seed).shuffle(docs)
+            else:  # files in a shuffled order: the last shard, validation, is then no one folder's files
+                docs = iter_documents(sources, skipped, shuffle_seed=seed)
+            docs = tqdm(docs, desc="writing shards", unit="doc", disable=None)  # None: only in a terminal
+            stats = _write_shards(folder, docs, shard_chars, val_fraction, seed)
+            stats["skipped_files"] = len(skipped)
+            if skipped:
+                print(f"skipped {len(skipped)} file(s) that are not UTF-8 text (convert them, e.g. with iconv), "
+                      f"e.g. {skipped[0]}")  # fmt: skip
+        manifest = {**request, **stats, "complete": True}
+        _write_manifest(folder, manifest)
+        return manifest
+
+
+@contextmanager
+def shards_in_use(base_dir=None):
+    """Held while a run reads the base dir's shards: prepare_data does not rewrite them under it."""
+    with _locked(data_dir(base_dir), fcntl.LOCK_SH, "prepare_data is writing them: wait for it to end"):
+        yield
+
+
+@contextmanager
+def _locked(folder: Path, kind: int, why_busy: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK).open("a") as f:
+        try:
+            fcntl.flock(f, kind | fcntl.LOCK_NB)  # released when the file closes, or the process ends
+        except BlockingIOError:
+            raise UserError(f"the shards in {folder} are busy: {why_busy}") from None
+        yield
 
 
 def _is_done(folder: Path, manifest: dict | None, request: dict) -> bool:

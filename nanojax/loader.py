@@ -32,6 +32,7 @@ Throughput on this machine: python -m benchmarks.data_throughput
 """
 
 import bisect
+import hashlib
 import itertools
 import math
 import os
@@ -62,16 +63,20 @@ class _Documents:
         self.layout = {"shards": len(self.paths), "docs_per_chunk": docs_per_chunk, "crop_long_docs": crop_long_docs}
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
-        chunks = []
+        chunks, sizes = [], hashlib.sha1()
         for shard, path in enumerate(self.paths):
             meta = _open(path).metadata
             for rg in range(meta.num_row_groups):
                 n = meta.row_group(rg).num_rows
                 chunks += [(shard, rg, s, min(s + docs_per_chunk, n)) for s in range(0, n, docs_per_chunk)]
+                sizes.update(f"{n},{meta.row_group(rg).total_byte_size};".encode())
         # Striding chunks (not shards or row groups) keeps processes balanced even with one big shard.
         self.chunks: list[Chunk] = chunks[process_index::process_count]
         self.layout |= {
             "documents": sum(end - start for _, _, start, end in chunks),  # all processes': the data's size
+            # Rows and uncompressed bytes of every row group: shards prepared again (another seed or split)
+            # differ here even with as many documents.
+            "data_fingerprint": sizes.hexdigest()[:12],
             "chunks_per_epoch": len(self.chunks),
             "process_index": process_index,
             "process_count": process_count,

@@ -73,22 +73,23 @@ def pretrain(args, base_dir, prompts):
         # Every process passes the same prompts: a replicated global array, as params are.
         return sample_texts(lambda idx: forward(params, replicate(idx, params)), tokenizer, prompts)
 
-    summary = train(
-        run,
-        tokenizer,
-        make_train_loader=lambda state, rows: make_readers(train_shards, tokenizer, rows, T, args, state),
-        val_batches=lambda rows: make_val_loader(
-            val_shards,
+    with dataset.shards_in_use(base_dir):  # prepare_data can't rewrite them under the run
+        summary = train(
+            run,
             tokenizer,
-            rows,
-            T,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            crop_long_docs=args.crop_long_docs,
-        ),  # fmt: skip
-        sample=sample,
-        on_metrics=wandb_logger(args.run, vars(args)),
-    )
+            make_train_loader=lambda state, rows: make_readers(train_shards, tokenizer, rows, T, args, state),
+            val_batches=lambda rows: make_val_loader(
+                val_shards,
+                tokenizer,
+                rows,
+                T,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                crop_long_docs=args.crop_long_docs,
+            ),  # fmt: skip
+            sample=sample,
+            on_metrics=wandb_logger(args.run, vars(args)),
+        )
     report = write_report(run.checkpoint_dir, summary, f"nanojax pretraining report: {tag}")
     return summary, report
 

@@ -388,12 +388,13 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
         step, loop = r.step, r.metadata["loop_state"]
         loop.setdefault("timed_steps", max(step - 1, 0))  # checkpoints from before the count was kept
         history = History(**{k: [tuple(x) for x in v] for k, v in loop.pop("history", {}).items()})
-        log(f"resumed from {ckpts.step_dir(step)} at step {step}")
 
     graphdef = state.graphdef
     step_fn = make_train_step(state, mesh, YNN_DOTS if run.ynn_dots else None)
     evaluate = make_evaluator(graphdef, mesh, tokenizer.token_bytes, run.eval_metric)
     loader = make_train_loader(loader_state, local_rows)
+    if run.resume_from_step >= 0:  # said once the data, too, has taken the checkpoint's state
+        log(f"resumed from {ckpts.step_dir(step)} at step {step}")
     sharding = batch_sharding(mesh)
     timer = StepTimer(loop["smooth_train_loss"], step)
     shapes = abstract_model(config)  # sizes and FLOPs, no arrays
@@ -495,7 +496,12 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
     finally:
         stop.restore()
         if ckpts:
-            ckpts.close()  # waits for pending saves: whatever ends the run, a checkpoint being written is kept
+            try:
+                ckpts.close()  # waits for pending saves: whatever ends the run, a checkpoint being written is kept
+            except KeyboardInterrupt:
+                saved = ckpts.latest_step()
+                resume = f"resume with --resume-from-step {saved}" if saved is not None else "no checkpoint was saved"
+                raise Interrupted(f"interrupted while saving: {resume}") from None
 
     tokens = run.total_batch_size * run.num_iterations
     timed = loop["timed_steps"]  # none in a one-step run: no steady rate to report
@@ -541,8 +547,8 @@ def note_disk_space(folder: Path, state: TrainState, keep: int | None, log) -> N
     where = folder if folder.is_dir() else folder.parent
     free = shutil.disk_usage(where).free
     if jax.process_index() == 0 and keep and free < size * (keep + 1):
-        log(f"note: {free / 2**30:,.1f} GiB free in {where}, less than {keep + 1} checkpoints of "
-            f"{size / 2**30:,.1f} GiB: saves may fail; free some space or lower --keep-checkpoints")  # fmt: skip
+        log(f"note: {free / 2**20:,.0f} MiB free in {where}, less than {keep + 1} checkpoints of "
+            f"{size / 2**20:,.0f} MiB: saves may fail; free some space or lower --keep-checkpoints")  # fmt: skip
 
 
 def is_run_file(path: Path) -> bool:

@@ -19,12 +19,14 @@ import pytest
 
 from nanojax.common import UserError
 from nanojax.dataset import (
+    LOCK,
     data_dir,
     ensure_data,
     iter_documents,
     list_shards,
     prepare_data,
     resolve_files,
+    shards_in_use,
     stdlib_files,
 )
 from scripts import prepare_data as prepare_data_script
@@ -129,6 +131,16 @@ def test_prepare_user_folder_is_idempotent(user_folder, tmp_path, capsys):
     # pretrain --data: the same files keep the options they were prepared with
     assert prepare_data([str(user_folder)], base, keep_options=True)["options"]["val_fraction"] == 0.5
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_shards_a_run_reads_are_not_rewritten_under_it(user_folder, tmp_path):
+    base = tmp_path / "base"
+    prepare_data([str(user_folder)], base)
+    with shards_in_use(base):
+        with pytest.raises(UserError, match="are busy: a run is training on them: wait for it to end"):
+            prepare_data([str(user_folder)], base, val_fraction=0.5)
+        assert prepare_data([str(user_folder)], base)["complete"]  # as prepared already: nothing to write
+    assert prepare_data([str(user_folder)], base, val_fraction=0.5)["options"]["val_fraction"] == 0.5
 
 
 def test_single_document_is_split_for_validation(tmp_path):
@@ -264,7 +276,7 @@ def test_fineweb_download_retries_and_resumes(fineweb, tmp_path):
     for p in list_shards(base, "train") + list_shards(base, "val"):
         assert p.read_bytes() == fineweb.files[p.name]
     assert list_shards(base, "val")[0].name == "shard_00002.parquet"
-    assert sorted(os.listdir(data_dir(base))) == ["manifest.json"] + sorted(fineweb.files)[:3]
+    assert sorted(os.listdir(data_dir(base))) == [LOCK, "manifest.json"] + sorted(fineweb.files)[:3]
 
     fetch(base, fineweb, 3)  # done already: no request
     assert sum(fineweb.hits.values()) == 4
@@ -279,6 +291,7 @@ def test_fineweb_failed_transfer_never_looks_complete(fineweb, tmp_path, monkeyp
     with pytest.raises(UserError, match=re.escape("shard_00002.parquet") + r": got \d+ of \d+ bytes: rerun to resume"):
         fetch(base, fineweb, 3, retries=3)
     assert sorted(os.listdir(data_dir(base))) == [
+        LOCK,
         "manifest.json",
         "shard_00000.parquet",
         "shard_00001.parquet",

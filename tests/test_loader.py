@@ -38,6 +38,7 @@ def make_texts(n, seed=0):
 
 
 def write_shards(folder, texts, n_shards):
+    folder.mkdir(parents=True, exist_ok=True)
     per = -(-len(texts) // n_shards)
     paths = []
     for s in range(n_shards):
@@ -269,9 +270,12 @@ def test_state_that_does_not_fit_the_data(corpus, tmp_path):
     state = it.get_state()
     with pytest.raises(UserError, match="does not fit"):
         loader(paths[:2], state=state)
-    rewritten, _ = write_shards(tmp_path, make_texts(140), 3)  # re-prepared: as many shards, fewer documents
+    rewritten, _ = write_shards(tmp_path / "fewer", make_texts(140), 3)  # re-prepared: fewer documents
     with pytest.raises(UserError, match="shards \\(documents: saved 150, now 140; .*\\): resume with the data"):
         loader(rewritten, state=state)
+    reordered, _ = write_shards(tmp_path / "reordered", make_texts(150)[::-1], 3)  # another seed: as many
+    with pytest.raises(UserError, match="shards \\(data_fingerprint: saved [0-9a-f]{12}, now [0-9a-f]{12}\\)"):
+        loader(reordered, state=state)
     with pytest.raises(UserError, match="does not fit"):
         loader(paths, process_index=0, process_count=2, state=state)
     with pytest.raises(UserError, match="do not have"):
