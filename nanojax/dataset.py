@@ -315,13 +315,17 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 def _write_shards(folder: Path, docs: Iterable[str], shard_chars: int, val_fraction, seed: int) -> dict:
     shards = _split_train_val(docs, shard_chars, val_fraction, random.Random(seed))
-    counts = []
+    counts, chars = [], []
     for i, shard_docs in enumerate(shards):
         tmp = folder / f".{shard_name(i)}.tmp"
         pq.write_table(pa.table({"text": shard_docs}), tmp, row_group_size=1024, compression="zstd")
         os.replace(tmp, folder / shard_name(i))
         counts.append(len(shard_docs))
-    return {"num_shards": len(counts), "train_docs": sum(counts[:-1]), "val_docs": counts[-1]}
+        chars.append(sum(map(len, shard_docs)))
+    return {
+        "num_shards": len(counts), "train_docs": sum(counts[:-1]), "val_docs": counts[-1],
+        "train_chars": sum(chars[:-1]), "val_chars": chars[-1],
+    }  # fmt: skip
 
 
 def _split_train_val(docs: Iterable[str], shard_chars: int, val_fraction, rng: random.Random) -> Iterator[list[str]]:

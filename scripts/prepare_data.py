@@ -72,7 +72,10 @@ def main(argv=None):
     val = list_shards(args.base_dir, "val")[0]
     print(f"{manifest['num_shards']} shards in {val.parent} (the last, {val.name}, is validation)")
     if "train_docs" in manifest:
-        print(f"documents: {manifest['train_docs']:,} train, {manifest['val_docs']:,} validation")
+        line = f"documents: {manifest['train_docs']:,} train, {manifest['val_docs']:,} validation"
+        if "val_chars" in manifest:  # manifests from before it was counted lack it
+            line += f" ({manifest['val_chars'] / (manifest['train_chars'] + manifest['val_chars']):.1%} of the text)"
+        print(line)
 
 
 if __name__ == "__main__":
