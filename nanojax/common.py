@@ -1,10 +1,12 @@
 """Small shared pieces: the base directory, the one-line user error, the flags several scripts share."""
 
 import argparse
+import fcntl
 import math
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 
@@ -113,6 +115,25 @@ def add_compute_flags(parser) -> None:
       "else nanojax")  # fmt: skip
     a("--ynn-dots", action="store_true", help="opt-in: XLA CPU's YNNPACK matmuls in the train step: faster "
       "with --dtype bfloat16 on CPUs with AVX-512 BF16; changes numerics (float32 included)")  # fmt: skip
+
+
+@contextmanager
+def file_lock(path: Path, busy, *, shared: bool = False):
+    """Hold a lock file for the block, never waiting: shared (readers) or exclusive, whose holder writes
+    its process id in it. When another process holds it, busy(that id, or "?") is the UserError's message.
+    Released when the file closes, so also when the process ends, however it ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(busy(f.read().strip() or "?")) from None
+        if not shared:
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+        yield
 
 
 def cli(main):

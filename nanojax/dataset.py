@@ -9,7 +9,6 @@ per line (its `text` field), any other file is one document if it is UTF-8 text;
 and counted. A `manifest.json` next to the shards records what they hold, so re-running is a no-op.
 """
 
-import fcntl
 import glob
 import http.client
 import json
@@ -22,14 +21,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanojax.common import UserError, a_few, get_base_dir
+from nanojax.common import UserError, a_few, file_lock, get_base_dir
 
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 SHARD_CHARS = 2_000_000  # about 2 MB of text per shard: the stdlib corpus (~12 MB) gives ~5 train shards
@@ -250,7 +248,8 @@ def prepare_data(
         print(f"{folder} already holds the prepared shards; nothing to do")
         return manifest
 
-    with _locked(folder, fcntl.LOCK_EX, "a run is training on them: wait for it to end, or pass another --base-dir"):
+    busy = f"the shards in {folder} are busy: a run is training on them: wait for it to end, or pass another --base-dir"
+    with file_lock(folder / LOCK, lambda _: busy):
         _write_manifest(folder, {**request, "complete": False})
         if fineweb:
             stats = _download_shards(folder, base_url, num_shards, num_workers, retries, retry_wait)
@@ -274,22 +273,11 @@ def prepare_data(
         return manifest
 
 
-@contextmanager
 def shards_in_use(base_dir=None):
     """Held while a run reads the base dir's shards: prepare_data does not rewrite them under it."""
-    with _locked(data_dir(base_dir), fcntl.LOCK_SH, "prepare_data is writing them: wait for it to end"):
-        yield
-
-
-@contextmanager
-def _locked(folder: Path, kind: int, why_busy: str):
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / LOCK).open("a") as f:
-        try:
-            fcntl.flock(f, kind | fcntl.LOCK_NB)  # released when the file closes, or the process ends
-        except BlockingIOError:
-            raise UserError(f"the shards in {folder} are busy: {why_busy}") from None
-        yield
+    folder = data_dir(base_dir)
+    busy = f"the shards in {folder} are busy: prepare_data (process {{}}) is writing them: wait for it to end"
+    return file_lock(folder / LOCK, busy.format, shared=True)
 
 
 def _is_done(folder: Path, manifest: dict | None, request: dict) -> bool:

@@ -9,11 +9,9 @@ with `lax.scan`, each micro-loss divided by A as nanochat does. Targets of -1 ar
 how finetuning masks its loss: pretraining and SFT share this step.
 """
 
-import fcntl
 import itertools
 import json
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -32,7 +30,7 @@ from tqdm import tqdm
 
 from nanojax import __version__
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import Interrupted, UserError, a_few
+from nanojax.common import Interrupted, UserError, a_few, file_lock
 from nanojax.evaluate import bits_per_byte, bpb_sums
 from nanojax.model import GPT, GPTConfig
 from nanojax.optim import Group, Schedule, build_optimizer
@@ -324,21 +322,10 @@ def claimed(folder: Path):
     try:
         where.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=where).close()
-        lock = (folder.parent / f".{folder.name}.lock").open("a+")
     except OSError as e:
         raise UserError(f"can't write checkpoints in {where} ({e.strerror}): pass another --base-dir") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process ends
-        except BlockingIOError:
-            lock.seek(0)
-            raise UserError(
-                f"another run (process {lock.read().strip() or '?'}) is training into {folder}: wait for it to "
-                "end, or pick another --model-tag"
-            ) from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
+    busy = f"another run (process {{}}) is training into {folder}: wait for it to end, or pick another --model-tag"
+    with file_lock(folder.parent / f".{folder.name}.lock", busy.format):
         yield
 
 
