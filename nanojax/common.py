@@ -33,12 +33,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
-    """--base-dir, else $NANOJAX_BASE_DIR, else ~/.cache/nanojax (created if missing)."""
+def get_base_dir(base_dir: str | os.PathLike | None = None, *, create: bool = False) -> Path:
+    """--base-dir, else $NANOJAX_BASE_DIR, else ~/.cache/nanojax. Scripts that write to it create it; those that
+    only read (sample, chat, eval) leave a mistyped path uncreated and say what is missing in it."""
     path = Path(base_dir or os.environ.get("NANOJAX_BASE_DIR") or Path.home() / ".cache" / "nanojax")
     path = path.expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        elif path.exists() and not path.is_dir():
+            raise FileExistsError(17, "File exists")
     except OSError as e:  # a file of that name, a read-only place
         raise UserError(
             f"can't use {path} as the base dir ({e.strerror}): pass a --base-dir (or $NANOJAX_BASE_DIR) that is "

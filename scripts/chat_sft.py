@@ -85,7 +85,7 @@ def main(argv=None):
     from nanojax.report import num
     from nanojax.sft import sft  # imports jax: after the distributed start-up
 
-    summary, report = sft(args, get_base_dir(args.base_dir), PROMPTS)
+    summary, report = sft(args, get_base_dir(args.base_dir, create=True), PROMPTS)
     print(f"val loss {summary['final_val_loss']:.4f} (assistant tokens) | {num(summary['tokens_per_s'], '{:,.0f}')} "
           f"tok/s | peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip
     print(f"checkpoints: {summary['checkpoint_dir']}\nreport: {report}\nloss curve: {Path(report).parent / 'loss.png'}")

@@ -45,7 +45,7 @@ def main(argv=None):
     from nanojax import convert  # imports jax: after --help
 
     if args.base_dir:
-        base_dir = get_base_dir(args.out)
+        base_dir = get_base_dir(args.out, create=True)
         written = convert.from_nanochat_base_dir(args.base_dir, base_dir, args.all_steps)
         print(f"converted {len(written)} checkpoint(s) into {base_dir}")
     elif args.to_nanochat:

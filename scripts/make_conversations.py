@@ -26,7 +26,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    output = args.output or get_base_dir(args.base_dir).joinpath(*chat.SYNTHETIC)
+    output = args.output or get_base_dir(args.base_dir, create=True).joinpath(*chat.SYNTHETIC)
     path = chat.write_conversations(output, chat.generate_conversations(args.num, args.seed))
     print(f"wrote {args.num:,} conversations to {path}")
 

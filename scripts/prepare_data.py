@@ -10,7 +10,7 @@ Re-running is safe: finished work is skipped and an interrupted download resumes
 
 import argparse
 
-from nanojax.common import HelpFormatter, cli, positive_int
+from nanojax.common import HelpFormatter, cli, get_base_dir, positive_int
 from nanojax.dataset import FINEWEB_URL, SHARD_CHARS, list_shards, prepare_data
 
 
@@ -58,6 +58,7 @@ def main(argv=None):
     )
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
+    args.base_dir = get_base_dir(args.base_dir, create=True)
 
     manifest = prepare_data(
         args.source,

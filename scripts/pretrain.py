@@ -90,7 +90,7 @@ def main(argv=None):
     from nanojax.pretrain import pretrain  # imports jax: after the distributed start-up
     from nanojax.report import num
 
-    base_dir = get_base_dir(args.base_dir)
+    base_dir = get_base_dir(args.base_dir, create=True)
     summary, report = pretrain(args, base_dir, args.sample_prompt or PROMPTS)
     print(f"val bpb {summary['final_val_bpb']:.4f} | {num(summary['tokens_per_s'], '{:,.0f}')} tok/s | "
           f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")  # fmt: skip

@@ -10,7 +10,7 @@ shard, or with --data the documents after the training text.
 import argparse
 import time
 
-from nanojax.common import HelpFormatter, UserError, a_few, cli, positive_int
+from nanojax.common import HelpFormatter, UserError, a_few, cli, get_base_dir, positive_int
 from nanojax.dataset import ensure_data, iter_documents, list_shards
 from nanojax.tokenizer import META_FILE, Tokenizer, cap_documents, tokenizer_dir
 
@@ -35,6 +35,7 @@ def main(argv=None):
     )
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
+    args.base_dir = get_base_dir(args.base_dir, create=True)
 
     existing, users = tokenizer_in_use(args.base_dir)
     if users:  # said before the training, which can be long, not only after it

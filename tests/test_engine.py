@@ -313,7 +313,8 @@ def test_sample_script_sft_source(trained, capsys):
 @pytest.mark.parametrize(
     "flags,message",
     [(["--model-tag=nope"], "no model tag 'nope'"), (["--step=7"], "no checkpoint for step 7"),
-     (["--source=sft", "--base-dir={empty}"], "no checkpoints in")],
+     (["--source=sft", "--base-dir={empty}"], "no checkpoints in"),
+     (["--base-dir={empty}/typo"], "no checkpoints in")],
 )  # fmt: skip
 def test_sample_script_errors(trained, tmp_path, capsys, flags, message):
     flags = [f.format(empty=tmp_path) for f in flags]
@@ -321,6 +322,7 @@ def test_sample_script_errors(trained, tmp_path, capsys, flags, message):
         sample.main([f"--base-dir={trained}", *flags])
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "typo").exists()  # reading a base dir never creates one
 
 
 def test_a_tag_of_the_other_source_is_named_in_the_error(tmp_path):
