@@ -4,7 +4,9 @@ import argparse
 import fcntl
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from functools import wraps
@@ -148,6 +150,8 @@ def cli(main):
     def run(*args, **kwargs):
         # A warning (an incomplete checkpoint skipped, say) is one line too, not Python's with its source line.
         warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: _rethrow_interrupt(unraisable, previous_hook)
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -171,8 +175,20 @@ def cli(main):
             print(f"error: out of memory ({first[:200]}): lower --device-batch-size or --max-seq-len, or use a "
                   "smaller model", file=sys.stderr)  # fmt: skip
             sys.exit(2)
+        finally:
+            sys.unraisablehook = previous_hook
 
     return run
+
+
+def _rethrow_interrupt(unraisable, previous_hook):
+    """A Ctrl-C that lands in code whose exceptions Python ignores (jax's garbage-collection callback, run
+    often while jax starts up) would print "Exception ignored in ..." and be lost: deliver it again, a moment
+    later from another thread, so that it lands in ordinary code (once more here if it does not)."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    else:
+        previous_hook(unraisable)
 
 
 def is_out_of_memory(e: Exception) -> bool:

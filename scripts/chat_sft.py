@@ -25,7 +25,6 @@ from nanojax.common import (
     model_tag,
     positive_int,
 )
-from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["What is 12+30?", "How many 'r' are in 'strawberry'?", "Hi!"]
 
@@ -81,6 +80,8 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    from nanojax.sharding import initialize_distributed  # imports jax: inside cli, so a Ctrl-C is one line
+
     initialize_distributed()
     from nanojax.report import num
     from nanojax.sft import sft  # imports jax: after the distributed start-up

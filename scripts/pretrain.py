@@ -22,7 +22,6 @@ from nanojax.common import (
     model_tag,
     positive_int,
 )
-from nanojax.sharding import initialize_distributed
 
 PROMPTS = ["The capital of France is", "def main(", "import ", "If yesterday was Friday, then tomorrow will be"]
 
@@ -86,6 +85,8 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    from nanojax.sharding import initialize_distributed  # imports jax: inside cli, so a Ctrl-C is one line
+
     initialize_distributed()
     from nanojax.pretrain import pretrain  # imports jax: after the distributed start-up
     from nanojax.report import num

@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -321,6 +323,30 @@ def test_ctrl_c_saves_the_step_in_flight_and_a_second_stops_at_once(tiny_base, m
     with pytest.raises(Interrupted, match="interrupted at step 5: resume with --resume-from-step 4"):
         run(tiny_base, "--num-iterations=6", "--save-every=2", "--model-tag=ctrl_c", "--resume-from-step=3")
     assert Checkpoints(folder).steps() == [3, 4]
+
+
+def test_ctrl_c_in_code_whose_exceptions_python_ignores_is_not_lost():
+    """jax's garbage-collection callback runs often while jax starts up; a Ctrl-C landing in it was swallowed
+    ("Exception ignored in ...") and the run went on."""
+    program = """if True:
+        import gc, time
+        from nanojax.common import cli
+
+        def callback(phase, info):
+            gc.callbacks.remove(callback)
+            raise KeyboardInterrupt  # as a Ctrl-C landing here does
+
+        @cli
+        def main():
+            gc.callbacks.append(callback)
+            gc.collect()
+            time.sleep(30)
+            print("went on")
+
+        main()
+    """
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=20)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
 
 
 def test_out_of_memory_is_one_line(capsys):
