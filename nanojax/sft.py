@@ -38,15 +38,29 @@ INHERITED = {
 }  # fmt: skip
 
 
+def base_run_flags(meta: dict) -> dict:
+    """The flags the base model was trained with: our run's, or for a checkpoint converted from nanochat,
+    its run's (flat, or with the learning rates under optimizer_kwargs, as nanochat's base_train saves them)."""
+    nanochat = meta.get("nanochat_meta") or {}
+    flags = {"device_batch_size": nanochat.get("device_batch_size"), **(nanochat.get("user_config") or {})}
+    if isinstance(flags.get("optimizer_kwargs"), dict):
+        flags |= flags.pop("optimizer_kwargs")
+    flags |= meta.get("user_config") or {}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def inherit(args, meta: dict, log=print) -> None:
-    """Fill the flags left unset with the base run's values."""
-    base = INHERITED | {k: v for k, v in (meta.get("user_config") or {}).items() if v is not None}
-    base["max_seq_len"] = meta["model_config"]["sequence_len"]
-    taken = {name: base[name] for name in [*INHERITED, "max_seq_len"] if getattr(args, name) is None}
-    for name, value in taken.items():
-        setattr(args, name, value)
-    if taken:
-        log("from the base run: " + ", ".join(f"{k}={v}" for k, v in taken.items()))
+    """Fill the flags left unset with the base run's values, else nanochat's chat_sft fallbacks."""
+    base = base_run_flags(meta) | {"max_seq_len": meta["model_config"]["sequence_len"]}
+    # A value that is no size or rate (nanochat's -1 for "derive the batch size") is not given.
+    base = {k: v for k, v in base.items() if type(v) in (int, float) and v > 0}
+    unset = [name for name in [*INHERITED, "max_seq_len"] if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, base.get(name, INHERITED.get(name)))
+    for said, names in [("from the base run", [n for n in unset if n in base]),
+                        ("defaults (the base run does not give them)", [n for n in unset if n not in base])]:  # fmt: skip
+        if names:
+            log(f"{said}: " + ", ".join(f"{n}={getattr(args, n)}" for n in names))
 
 
 def resumed_base_step(checkpoint_dir, args, log=print) -> int | None:

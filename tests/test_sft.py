@@ -4,6 +4,7 @@ scripts.chat_cli answers in a pseudo-terminal. 8 simulated CPU devices (1 for th
 Run: python -m pytest -q tests/test_sft.py
 """
 
+import json
 import os
 import pty
 import select
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -20,7 +22,7 @@ from conftest import TINY_RUN
 
 from nanojax.checkpoint import Checkpoints
 from nanojax.pretrain import pretrain
-from nanojax.sft import sft
+from nanojax.sft import inherit, sft
 from scripts import chat_sft
 from scripts import pretrain as pretrain_script
 
@@ -72,6 +74,21 @@ def test_sft_starts_from_the_base_weights(base):
     base_params = Checkpoints(base / "base_checkpoints" / "chat").restore_params().params
     for a, b in zip(jax.tree.leaves(s["params"]), jax.tree.leaves(base_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unset_flags_come_from_a_converted_nanochat_run(reference_dir):
+    """A checkpoint converted from nanochat keeps nanochat's metadata: its run's batch and lrs (the lrs
+    under optimizer_kwargs) are the ones finetuning inherits; what it does not give is said to be a default."""
+    nanochat_meta = json.loads((reference_dir / "nanochat_checkpoint_a" / "meta_000000.json").read_text())
+    meta = {"model_config": nanochat_meta["model_config"], "nanochat_meta": nanochat_meta}
+    unset = dict.fromkeys(["device_batch_size", "total_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr",
+                           "scalar_lr", "max_seq_len"])  # fmt: skip
+    args, said = SimpleNamespace(**(unset | {"matrix_lr": 0.05})), []
+    inherit(args, meta, log=said.append)
+    assert vars(args) == {"device_batch_size": 2, "total_batch_size": 524288, "embedding_lr": 0.2,
+                          "unembedding_lr": 0.004, "matrix_lr": 0.05, "scalar_lr": 0.5, "max_seq_len": 64}  # fmt: skip
+    assert said == ["from the base run: device_batch_size=2, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5, "
+                    "max_seq_len=64", "defaults (the base run does not give them): total_batch_size=524288"]  # fmt: skip
 
 
 def test_sft_resume_continues_exactly(base, capsys):
