@@ -21,6 +21,7 @@ mask is 0: user turns, tool output, padding.
 """
 
 import glob
+import hashlib
 import json
 import os
 import random
@@ -55,6 +56,13 @@ class Conversations:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def fingerprint(self) -> str:
+        """Of the rendered tokens and loss masks: other conversations, even as many, give another."""
+        digest = hashlib.sha1()
+        for tokens, mask in zip(self.tokens, self.masks, strict=True):
+            digest.update(np.asarray(len(tokens), np.int64).tobytes() + tokens.tobytes() + mask.tobytes())
+        return digest.hexdigest()[:12]
 
     def subset(self, indices) -> "Conversations":
         pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
@@ -229,6 +237,9 @@ class SFTLoader:
         self.ids = np.arange(reader, len(convs), readers)
         if not len(self.ids):
             raise UserError(f"{len(convs)} training conversation(s) leave none for process {reader} of {readers}")
+        # What a saved position refers to: a state only fits a loader over the same conversations.
+        self.layout = {"conversations": len(convs), "data_fingerprint": convs.fingerprint(), "readers": readers,
+                       "seed": seed}  # fmt: skip
         self.epoch, self.cursor, buffer = 1, 0, []
         if state is not None:
             buffer = self._restore(state)
@@ -249,22 +260,21 @@ class SFTLoader:
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
         return make_batch(self.convs, [self.packer.row() for _ in range(self.rows)], self.row_len)
 
-    def _layout(self) -> dict:
-        return {"conversations": len(self.convs), "readers": self.readers, "seed": self.seed}
-
     def get_state(self) -> dict:
-        mine = {"epoch": self.epoch, "cursor": self.cursor, "buffer": list(self.packer.buffer), **self._layout()}
+        mine = {"epoch": self.epoch, "cursor": self.cursor, "buffer": list(self.packer.buffer), **self.layout}
         return {"readers": {str(self.reader): mine}}
 
     def _restore(self, state: dict) -> list[int]:
         saved = state.get("readers", {})
-        mine = saved.get(str(self.reader), {})
-        layout = {k: mine.get(k) for k in self._layout()}
-        if len(saved) != self.readers or layout != self._layout():
+        mine = saved.get(str(self.reader))
+        if mine is None:
+            diffs = [f"readers: saved {len(saved)}, now {self.readers}"]
+        else:  # keys an older state lacks are not compared
+            diffs = [f"{k}: saved {mine[k]}, now {v}" for k, v in self.layout.items() if k in mine and mine[k] != v]
+        if diffs:
             raise UserError(
-                f"the checkpoint's data position is for {len(saved)} process(es) and {layout}, this run has "
-                f"{self.readers} and {self._layout()}: resume with the same conversation files, --val-fraction, "
-                "--seed and process count"
+                f"the checkpoint's data position does not fit this run ({'; '.join(diffs)}): resume with the same "
+                "conversation files, --val-fraction, --seed and process count"
             )
         self.epoch, self.cursor = mine["epoch"], mine["cursor"]
         return mine["buffer"]

@@ -162,9 +162,12 @@ def test_loader_state_resumes_the_same_batches(tok, tmp_path):
             rx, ry = next(loader)
             np.testing.assert_array_equal(rx, x)
             np.testing.assert_array_equal(ry, y)
-    with pytest.raises(UserError, match="same conversation files"):
+    with pytest.raises(UserError, match="conversations: saved 40, now 30; data_fingerprint: saved .*same conv"):
         chat.SFTLoader(convs.subset(range(30)), 2, 128, reader=1, readers=2, seed=5, state=state)
-    with pytest.raises(UserError, match="process count"):
+    others = chat.read_conversations([write_lines(tmp_path / "h.jsonl", chat.generate_conversations(40, 1))], tok, 129)
+    with pytest.raises(UserError, match=r"\(data_fingerprint: saved [0-9a-f]{12}, now [0-9a-f]{12}\)"):
+        chat.SFTLoader(others, 2, 128, reader=1, readers=2, seed=5, state=state)  # as many, other conversations
+    with pytest.raises(UserError, match="readers: saved 2, now 1.*process count"):
         chat.SFTLoader(convs, 2, 128, seed=5, state=state)
 
 
