@@ -240,19 +240,26 @@ class SFTLoader:
         # What a saved position refers to: a state only fits a loader over the same conversations.
         self.layout = {"conversations": len(convs), "data_fingerprint": convs.fingerprint(), "readers": readers,
                        "seed": seed}  # fmt: skip
-        self.epoch, self.cursor, buffer = 1, 0, []
+        self.read_epoch, self.cursor, buffer = 1, 0, []
         if state is not None:
             buffer = self._restore(state)
-        # A buffer longer than the epoch would read epochs ahead of the rows made (and the logged epoch).
+        # A buffer longer than the epoch would hold a conversation twice.
         self.packer = _Packer(convs, self.row_len, self._stream(), min(buffer_size, len(self.ids)), buffer)
 
     def _stream(self) -> Iterator[int]:
         while True:
-            order = np.random.default_rng([self.seed, self.reader, self.epoch]).permutation(self.ids)
+            order = np.random.default_rng([self.seed, self.reader, self.read_epoch]).permutation(self.ids)
             while self.cursor < len(order):
                 self.cursor += 1
                 yield int(order[self.cursor - 1])
-            self.epoch, self.cursor = self.epoch + 1, 0
+            self.read_epoch, self.cursor = self.read_epoch + 1, 0
+
+    @property
+    def epoch(self) -> int:
+        """Epoch (from 1) of the rows made so far, counting the conversations packed into them: the
+        stream reads up to a buffer ahead, a whole epoch ahead for a small set."""
+        packed = (self.read_epoch - 1) * len(self.ids) + self.cursor - len(self.packer.buffer)
+        return 1 + max(packed - 1, 0) // len(self.ids)
 
     def __iter__(self):
         return self
@@ -261,7 +268,7 @@ class SFTLoader:
         return make_batch(self.convs, [self.packer.row() for _ in range(self.rows)], self.row_len)
 
     def get_state(self) -> dict:
-        mine = {"epoch": self.epoch, "cursor": self.cursor, "buffer": list(self.packer.buffer), **self.layout}
+        mine = {"epoch": self.read_epoch, "cursor": self.cursor, "buffer": list(self.packer.buffer), **self.layout}
         return {"readers": {str(self.reader): mine}}
 
     def _restore(self, state: dict) -> list[int]:
@@ -276,7 +283,7 @@ class SFTLoader:
                 f"the checkpoint's data position does not fit this run ({'; '.join(diffs)}): resume with the same "
                 "conversation files, --val-fraction, --seed and process count"
             )
-        self.epoch, self.cursor = mine["epoch"], mine["cursor"]
+        self.read_epoch, self.cursor = mine["epoch"], mine["cursor"]
         return mine["buffer"]
 
 

@@ -171,6 +171,14 @@ def test_loader_state_resumes_the_same_batches(tok, tmp_path):
         chat.SFTLoader(convs, 2, 128, seed=5, state=state)
 
 
+def test_the_epoch_counts_the_conversations_in_rows_not_those_read_ahead(tok, tmp_path):
+    convs = chat.read_conversations([write_lines(tmp_path / "g.jsonl", chat.generate_conversations(40))], tok, 129)
+    loader, rows = chat.SFTLoader(convs, 1, 128), chat.rows_per_epoch(convs, 128)  # its buffer holds all 40
+    epochs = [next(loader) and loader.epoch for _ in range(3 * rows)]
+    assert loader.read_epoch >= 2 and epochs[0] == 1  # it read the next epoch's conversations before the first row
+    assert epochs[rows // 2] == 1 and epochs[2 * rows] >= 2 and epochs == sorted(epochs)
+
+
 def test_val_batches_cover_every_conversation_once(tok, tmp_path):
     convs = chat.read_conversations([write_lines(tmp_path / "g.jsonl", chat.generate_conversations(30))], tok, 129)
     first = list(chat.val_batches(convs, rows=2, seq_len=128, process_index=1, process_count=2))
