@@ -382,7 +382,11 @@ def write_conversations(path, conversations) -> Path:
     # every process of a run writing the same set at once.
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
         f.write("".join(json.dumps(c) + "\n" for c in conversations))
-    os.replace(f.name, path)
+    try:
+        os.replace(f.name, path)
+    except OSError:
+        os.unlink(f.name)
+        raise
     return path
 
 

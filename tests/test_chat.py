@@ -15,7 +15,7 @@ from nanojax.common import UserError
 from nanojax.engine import Engine, calculate
 from nanojax.model import GPT, GPTConfig
 from nanojax.tokenizer import get_tokenizer
-from scripts import chat_cli, sample
+from scripts import chat_cli, make_conversations, sample
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +252,13 @@ def test_an_empty_one_shot_message_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         chat_cli.main([f"--base-dir={tmp_path}", "-p", "  "])
     assert "-p: the message is empty" in capsys.readouterr().err
+
+
+def test_make_conversations_refuses_a_bad_count_or_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        make_conversations.main(["--num=-3"])
+    assert "argument --num: must be a positive integer, got '-3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        make_conversations.main([f"--output={tmp_path}"])
+    assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
