@@ -135,7 +135,7 @@ class Checkpoints:
         if step is None:
             if not available:
                 raise UserError(
-                    f"no complete checkpoints in {self.directory}: check --base-dir and --model-tag, "
+                    f"no complete checkpoints in {self.directory}: name a model folder a run saved checkpoints in, "
                     "or train a model first"
                 )
             return available[-1]

@@ -324,7 +324,7 @@ def claimed(folder: Path):
         tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
         raise UserError(f"can't write checkpoints in {where} ({e.strerror}): pass another --base-dir") from None
-    busy = f"another run (process {{}}) is training into {folder}: wait for it to end, or pick another --model-tag"
+    busy = f"another run (process {{}}) is training into {folder}: wait for it to end"
     with file_lock(folder.parent / f".{folder.name}.lock", busy.format):
         yield
 
@@ -547,7 +547,7 @@ def check_run_folder(folder: Path) -> None:
     """A fresh run's folder may hold an earlier run (set aside at the first save), nothing else."""
     foreign = [p.name for p in folder.iterdir() if not is_run_file(p)] if folder.is_dir() else []
     if foreign:
-        raise UserError(f"{folder} holds files that no run wrote ({a_few(sorted(foreign))}): pick another --model-tag")
+        raise UserError(f"{folder} holds files that no run wrote ({a_few(sorted(foreign))}): move them out")
 
 
 def set_aside_previous_run(folder: Path, log) -> None:

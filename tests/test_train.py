@@ -210,7 +210,7 @@ def test_a_fresh_run_moves_only_a_runs_folder_aside(tiny_base, capsys, monkeypat
     notes.mkdir(parents=True)
     (notes / "todo.txt").write_text("mine")
     monkeypatch.setattr("nanojax.train.init_state", None)  # refused before the model is even made
-    with pytest.raises(UserError, match="holds files that no run wrote \\(todo.txt\\): pick another --model-tag"):
+    with pytest.raises(UserError, match="holds files that no run wrote \\(todo.txt\\): move them out"):
         run(tiny_base, "--num-iterations=1", "--model-tag=notes")
     assert (notes / "todo.txt").read_text() == "mine"
 
