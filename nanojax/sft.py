@@ -57,8 +57,8 @@ def inherit(args, meta: dict, log=print) -> None:
     unset = [name for name in [*INHERITED, "max_seq_len"] if getattr(args, name) is None]
     for name in unset:
         setattr(args, name, base.get(name, INHERITED.get(name)))
-    for said, names in [("from the base run", [n for n in unset if n in base]),
-                        ("defaults (the base run does not give them)", [n for n in unset if n not in base])]:  # fmt: skip
+    given, defaults = [n for n in unset if n in base], [n for n in unset if n not in base]
+    for said, names in [("from the base run", given), ("defaults (the base run does not give them)", defaults)]:
         if names:
             log(f"{said}: " + ", ".join(f"{n}={getattr(args, n)}" for n in names))
 

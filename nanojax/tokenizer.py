@@ -72,9 +72,8 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN) -> "Tokenizer":
         """Learn vocab_size - len(SPECIAL_TOKENS) ranks (256 bytes + merges) from the texts."""
+        check_vocab_size(vocab_size)
         num_ranks = vocab_size - len(SPECIAL_TOKENS)
-        if num_ranks < 256:
-            raise UserError(f"vocab size {vocab_size} is too small: it must be at least {256 + len(SPECIAL_TOKENS)}")
         num_chars = 0
 
         def counted(texts):
@@ -273,6 +272,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """The 256 byte tokens and the special tokens come first: a vocabulary must hold them."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"vocab size {vocab_size} is too small: it must be at least {256 + len(SPECIAL_TOKENS)}")
 
 
 def tokenizer_dir(base_dir=None) -> Path:

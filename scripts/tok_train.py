@@ -12,7 +12,7 @@ import time
 
 from nanojax.common import HelpFormatter, UserError, a_few, cli, get_base_dir, positive_int
 from nanojax.dataset import ensure_data, iter_documents, list_shards
-from nanojax.tokenizer import META_FILE, Tokenizer, cap_documents, tokenizer_dir
+from nanojax.tokenizer import META_FILE, Tokenizer, cap_documents, check_vocab_size, tokenizer_dir
 
 EVAL_CHARS = 1_000_000  # held-out text for the compression figure
 
@@ -35,10 +35,13 @@ def main(argv=None):
     )
     parser.add_argument("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     args = parser.parse_args(argv)
+    check_vocab_size(args.vocab_size)  # before preparing data or training, which can be long
     args.base_dir = get_base_dir(args.base_dir, create=True)
 
     existing, users = tokenizer_in_use(args.base_dir)
-    if users:  # said before the training, which can be long, not only after it
+    if users and args.vocab_size < existing.get_vocab_size():  # can't come out the same: refused now, not after
+        in_use(existing, users, args.base_dir)
+    if users:
         print(f"note: {len(users)} model(s) were trained with the tokenizer in {tokenizer_dir(args.base_dir)}; "
               "the new one is saved only if it comes out the same")  # fmt: skip
     skipped = []
@@ -78,16 +81,20 @@ def main(argv=None):
     print(f"compression: {ratio:.3f} bytes/token on {label} ({sum(map(len, sample)):,} chars)")
 
     if users and tok.fingerprint() != existing.fingerprint():
-        # checkpoints carry no copy of their tokenizer: another one in its place would leave them unusable
-        raise UserError(
-            f"{len(users)} model(s) were trained with the tokenizer in {tokenizer_dir(args.base_dir)} "
-            f"({a_few(p.name for p in users)}); a new one would make them unusable: train it in another "
-            "--base-dir, or move those checkpoints out first"
-        )
+        in_use(existing, users, args.base_dir)
     path = tok.save(tokenizer_dir(args.base_dir))
     nonzero = tok.token_bytes[tok.token_bytes > 0]
     print(f"vocab size {tok.get_vocab_size():,}; token bytes mean {nonzero.mean():.2f}, max {nonzero.max()}")
     print(f"saved the tokenizer (fingerprint {tok.fingerprint()}) to {path}")
+
+
+def in_use(existing: Tokenizer, users: list, base_dir) -> None:
+    """Refuse to replace a tokenizer models were trained with: checkpoints carry no copy of it."""
+    raise UserError(
+        f"{len(users)} model(s) were trained with the {existing.get_vocab_size():,}-token tokenizer in "
+        f"{tokenizer_dir(base_dir)} ({a_few(f'{p.parent.name}/{p.name}' for p in users)}); a new one would make "
+        "them unusable: train it in another --base-dir, or move those checkpoints out first"
+    )
 
 
 def tokenizer_in_use(base_dir) -> tuple[Tokenizer | None, list]:

@@ -87,8 +87,10 @@ def test_unset_flags_come_from_a_converted_nanochat_run(reference_dir):
     inherit(args, meta, log=said.append)
     assert vars(args) == {"device_batch_size": 2, "total_batch_size": 524288, "embedding_lr": 0.2,
                           "unembedding_lr": 0.004, "matrix_lr": 0.05, "scalar_lr": 0.5, "max_seq_len": 64}  # fmt: skip
-    assert said == ["from the base run: device_batch_size=2, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5, "
-                    "max_seq_len=64", "defaults (the base run does not give them): total_batch_size=524288"]  # fmt: skip
+    assert said == [
+        "from the base run: device_batch_size=2, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5, max_seq_len=64",
+        "defaults (the base run does not give them): total_batch_size=524288",
+    ]
 
 
 def test_sft_resume_continues_exactly(base, capsys):

@@ -155,8 +155,18 @@ def test_tok_train_script(tmp_path, capsys):
         tok_train.main(["--data", str(tmp_path / "data"), "--vocab-size", "300", "--base-dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert out.startswith("note: 1 model(s) were trained with the tokenizer")  # before the training
-    assert "1 model(s) were trained with the tokenizer in" in err
+    assert "1 model(s) were trained with the 280-token tokenizer in" in err and "(base_checkpoints/d2)" in err
+    # A smaller vocabulary can't come out the same: refused before the training.
+    with pytest.raises(SystemExit):
+        tok_train.main(["--data", str(tmp_path / "data"), "--vocab-size", "270", "--base-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert out == "" and "1 model(s) were trained with the 280-token tokenizer in" in err
     assert get_tokenizer(tmp_path).fingerprint() == used.fingerprint()
+    # A vocabulary too small for the bytes and special tokens is refused before any data is prepared.
+    with pytest.raises(SystemExit):
+        tok_train.main(["--vocab-size", "100", "--base-dir", str(tmp_path / "fresh")])
+    assert "vocab size 100 is too small: it must be at least 265" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
 
 
 # ---- chat rendering
