@@ -82,13 +82,42 @@ def load_bundle(bundle_dir) -> list[Task]:
         if not path.is_file():
             raise UserError(f"no {path.name} in {bundle_dir}: a CORE bundle holds core.yaml, eval_meta_data.csv "
                             "and eval_data/")  # fmt: skip
+    with meta_path.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     try:
-        with meta_path.open(encoding="utf-8") as f:
-            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-        specs = yaml.safe_load(config_path.read_text(encoding="utf-8"))["icl_tasks"]
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in rows}
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{meta_path}: every row needs an 'Eval Task' and a number as its 'Random baseline' "
+                        "(nanochat's eval_meta_data.csv columns)") from None  # fmt: skip
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{config_path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    specs = config.get("icl_tasks") if isinstance(config, dict) else None
+    if not isinstance(specs, list) or not all(isinstance(spec, dict) for spec in specs):
+        raise UserError(f"{config_path} must hold `icl_tasks:`, a list of tasks with the keys {', '.join(TASK_KEYS)}")
+    for n, spec in enumerate(specs, 1):
+        if missing := [key for key in TASK_KEYS if key not in spec]:
+            raise UserError(f"{config_path}: task {n} ({spec.get('label', 'no label')}) has no {', '.join(missing)}")
+    try:
         return [_read_task(spec, bundle_dir, baselines) for spec in specs]
-    except (KeyError, TypeError, ValueError, yaml.YAMLError) as e:  # JSON errors are ValueErrors
+    except (TypeError, ValueError) as e:  # a value of the wrong kind: JSON errors are ValueErrors
         raise UserError(f"malformed CORE bundle at {bundle_dir}: {type(e).__name__}: {e}") from e
+
+
+def check_shots(tasks: list[Task], max_per_task: int = -1) -> None:
+    """Each task needs more items than its shots (the shots are other items): said before any evaluation."""
+    for task in tasks:
+        n = min(len(task.items), max_per_task) if max_per_task > 0 else len(task.items)
+        if task.num_fewshot >= n:
+            raise UserError(f"task {task.label} asks for {task.num_fewshot} shots but has {n} items"
+                            f"{' (--max-per-task)' if n < len(task.items) else ''}: it needs at least "
+                            f"{task.num_fewshot + 1}; raise --max-per-task")  # fmt: skip
+
+
+TASK_KEYS = ("label", "dataset_uri", "icl_task_type", "num_fewshot")  # what a core.yaml task must give
 
 
 def _read_task(spec: dict, bundle_dir: Path, baselines: dict) -> Task:
@@ -230,9 +259,6 @@ def evaluate_example(scorer: Scorer, tokenizer, task: Task, items: list, i: int)
     fewshot = []
     if task.num_fewshot > 0:
         others = [j for j in range(len(items)) if j != i]
-        if task.num_fewshot > len(others):
-            raise UserError(f"task {task.label} asks for {task.num_fewshot} shots but has {len(items)} items: "
-                            "raise --max-per-task")  # fmt: skip
         fewshot = [items[j] for j in random.Random(FEWSHOT_SEED + i).sample(others, task.num_fewshot)]
     item = items[i]
     prompts = RENDER[task.task_type](item, task.delimiter, fewshot)
@@ -265,6 +291,7 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, max_per_task: int = -1)
 
 def evaluate_core(model: GPT, tokenizer, tasks: list[Task], max_per_task: int = -1, log=print):
     """(CORE, one TaskResult per task): CORE is the mean centered accuracy."""
+    check_shots(tasks, max_per_task)
     scorer = Scorer(model, tokenizer.get_bos_token_id())
     results = []
     for task in tasks:

@@ -23,7 +23,8 @@ def parse_args(argv=None):
     a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
-    a("--eval-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for bpb; 0 skips it")
+    a("--eval-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for bpb, in whole "
+      "batches (at least one) of --device-batch-size rows; 0 skips it")  # fmt: skip
     a("--device-batch-size", type=positive_int, default=32, help="validation rows per device per batch")
     a("--core-bundle", default=None, help="CORE task bundle directory (default <base_dir>/eval_bundle if present)")
     a("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
@@ -48,6 +49,11 @@ def main(argv=None):
         base_dir, args.source, args.model_tag, args.step, jnp.dtype(dtype)
     )
     notes = []
+    # The bundle is read and checked before the val bpb pass, which can be long.
+    bundle = Path(args.core_bundle).expanduser() if args.core_bundle else base_dir / "eval_bundle"
+    tasks = core_eval.load_bundle(bundle) if args.core_bundle or bundle.is_dir() else None
+    if tasks is not None:
+        core_eval.check_shots(tasks, args.max_per_task)
 
     bpb = None
     if args.eval_tokens > 0:
@@ -63,9 +69,8 @@ def main(argv=None):
     samples = core_eval.greedy_samples(model, tokenizer, core_eval.SAMPLE_PROMPTS, chat=args.source == "sft")
 
     core, results = None, []
-    bundle = Path(args.core_bundle).expanduser() if args.core_bundle else base_dir / "eval_bundle"
-    if args.core_bundle or bundle.is_dir():
-        core, results = core_eval.evaluate_core(model, tokenizer, core_eval.load_bundle(bundle), args.max_per_task)
+    if tasks is not None:
+        core, results = core_eval.evaluate_core(model, tokenizer, tasks, args.max_per_task)
     else:
         notes.append(f"CORE skipped: no task bundle at {bundle} (pass --core-bundle)")
 

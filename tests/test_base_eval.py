@@ -177,11 +177,35 @@ def test_bad_bundles(tmp_path, loaded, capsys):
     with pytest.raises(UserError, match="no core.yaml"):
         core_eval.load_bundle(tmp_path)
     task = dataclasses.replace(core_eval.load_bundle(BUNDLE)[0], num_fewshot=5)
-    with pytest.raises(UserError, match="asks for 5 shots but has 5 items"):
-        core_eval.evaluate_task(Scorer(model, 0), tok, task)
+    with pytest.raises(UserError, match="asks for 5 shots but has 5 items: it needs at least 6"):
+        core_eval.evaluate_core(model, tok, [task])
     with pytest.raises(SystemExit):
         base_eval.main([f"--base-dir={tmp_path}"])
     assert "no checkpoints in" in capsys.readouterr().err
+
+
+def test_too_few_items_for_the_shots_are_refused_before_the_bpb_pass(trained, monkeypatch, capsys):
+    monkeypatch.setattr(core_eval, "val_bpb", None)  # never reached
+    with pytest.raises(SystemExit):
+        base_eval.main([f"--base-dir={trained}", "--model-tag=tiny", f"--core-bundle={BUNDLE}", "--max-per-task=2"])
+    assert "task tiny_arc asks for 2 shots but has 2 items (--max-per-task): it needs at least 3" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [("icl_tasks: [", "core.yaml is not valid YAML at line 1, column 13: expected the node content"),
+     ("- label: tiny_arc", "core.yaml must hold `icl_tasks:`, a list of tasks with the keys label, dataset_uri"),
+     ("icl_tasks:\n- label: tiny_arc\n  dataset_uri: tiny_arc.jsonl\n  num_fewshot: [0]",
+      "core.yaml: task 1 (tiny_arc) has no icl_task_type")],
+)  # fmt: skip
+def test_a_malformed_core_yaml_is_named_in_one_line(tmp_path, config, message):
+    shutil.copytree(BUNDLE, tmp_path / "b")
+    (tmp_path / "b" / "core.yaml").write_text(config)
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        core_eval.load_bundle(tmp_path / "b")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
