@@ -63,8 +63,8 @@ def parse_args(argv=None):
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier the warmdown ends at")
     g = p.add_argument_group("evaluation, sampling, checkpoints")
     g.add_argument("--eval-every", type=every_steps, default=200, help="val loss every N steps and at the end")
-    g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="at most this many held-out tokens, in whole "
-                   "batches (at least one)")  # fmt: skip
+    g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="at most this many held-out "
+                   "tokens, in whole batches (at least one)")  # fmt: skip
     g.add_argument("--sample-every", type=every_steps, default=-1, help="answers every N steps and at the end")
     g.add_argument("--save-every", type=every_steps, default=-1, help="save every N steps and at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")

@@ -59,8 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier the warmdown ends at")
     g = p.add_argument_group("evaluation, sampling, checkpoints")
     g.add_argument("--eval-every", type=every_steps, default=250, help="val bpb every N steps and at the end")
-    g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="validation tokens per evaluation, in whole "
-                   "batches (at least one); fewer if the split holds fewer")  # fmt: skip
+    g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="validation tokens per "
+                   "evaluation, in whole batches (at least one); fewer if the split holds fewer")  # fmt: skip
     g.add_argument("--sample-every", type=every_steps, default=2000, help="samples every N steps and at the end")
     g.add_argument("--sample-prompt", action="append", default=None, help="a prompt to continue in the samples; "
                    f"repeatable (default: {', '.join(map(repr, PROMPTS))})")  # fmt: skip
