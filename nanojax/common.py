@@ -89,6 +89,26 @@ def _int_at_least(text: str, least: int, what: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse type for a share held out: a number above 0 and below 1."""
+    return _float_in(text, lambda v: 0 < v < 1, "a fraction above 0 and below 1")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type for an amount such as a number of epochs: a finite number above 0."""
+    return _float_in(text, lambda v: 0 < v < math.inf, "a number above 0")
+
+
+def _float_in(text: str, ok, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not ok(value):  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
 def model_tag(text: str) -> str:
     """An argparse type for --model-tag: one folder name inside the checkpoints folder, never a path out of it."""
     if text in ("", ".", "..") or "/" in text or os.sep in text:
@@ -98,13 +118,7 @@ def model_tag(text: str) -> str:
 
 def temperature(text: str) -> float:
     """An argparse type for a sampling temperature: a number >= 0 (0 is greedy)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < math.inf:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is greedy), got {text!r}")
-    return value
+    return _float_in(text, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 is greedy)")
 
 
 def add_compute_flags(parser) -> None:

@@ -100,6 +100,10 @@ def sft(args, base_dir, prompts):
     if args.val_data:
         train_convs = convs
         val_convs = chat.read_conversations(args.val_data, tokenizer, T + 1, skip_bad_lines=args.skip_bad_lines)
+        seen = {tokens.tobytes() for tokens in train_convs.tokens}
+        if overlap := sum(tokens.tobytes() in seen for tokens in val_convs.tokens):
+            print(f"note: {overlap:,} of the {len(val_convs):,} --val-data conversations are training ones too: the "
+                  "val loss will flatter the model")  # fmt: skip
     else:
         train_convs, val_convs = chat.split_conversations(convs, args.val_fraction, args.seed)
     rows_per_step = args.total_batch_size // T

@@ -21,8 +21,10 @@ from nanojax.common import (
     checkpoint_step,
     cli,
     every_steps,
+    fraction,
     get_base_dir,
     model_tag,
+    positive_float,
     positive_int,
 )
 
@@ -40,12 +42,12 @@ def parse_args(argv=None):
     g.add_argument("--data", nargs="+", default=None, help="conversation JSONL files, folders or globs (default: "
                    "<base_dir>/chat_data/synthetic.jsonl, generated on first use)")  # fmt: skip
     g.add_argument("--val-data", nargs="+", default=None, help="held-out conversations (default: --val-fraction)")
-    g.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out when no --val-data")
+    g.add_argument("--val-fraction", type=fraction, default=0.05, help="share of --data held out when no --val-data")
     g.add_argument("--skip-bad-lines", action="store_true", help="train without malformed lines (always listed "
                    "with file:line) instead of refusing them")  # fmt: skip
     g = p.add_argument_group("horizon and batch (unset: the base run's)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs)")
-    g.add_argument("--num-epochs", type=float, default=1.0, help="passes over the training conversations")
+    g.add_argument("--num-epochs", type=positive_float, default=1.0, help="passes over the training conversations")
     g.add_argument("--max-seq-len", type=positive_int, default=None, help="row length in tokens")
     g.add_argument("--device-batch-size", type=positive_int, default=None, help="rows per device per micro-step")
     g.add_argument("--total-batch-size", type=positive_int, default=None, help="tokens per optimizer step")

@@ -10,7 +10,7 @@ Re-running is safe: finished work is skipped and an interrupted download resumes
 
 import argparse
 
-from nanojax.common import HelpFormatter, cli, get_base_dir, positive_int
+from nanojax.common import HelpFormatter, cli, fraction, get_base_dir, positive_int
 from nanojax.dataset import FINEWEB_URL, SHARD_CHARS, list_shards, prepare_data
 
 
@@ -41,7 +41,7 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=positive_int, default=4, help="fineweb: parallel downloads (default 4)")
     parser.add_argument(
         "--val-fraction",
-        type=float,
+        type=fraction,
         default=None,
         help="hold out this fraction of documents, drawn at random, as the validation shard "
         "(default: the last shard, about --shard-chars characters, is validation; a corpus smaller than a "

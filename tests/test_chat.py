@@ -15,7 +15,7 @@ from nanojax.common import UserError
 from nanojax.engine import Engine, calculate
 from nanojax.model import GPT, GPTConfig
 from nanojax.tokenizer import get_tokenizer
-from scripts import chat_cli, make_conversations, sample
+from scripts import chat_cli, chat_sft, make_conversations, sample
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +245,18 @@ def test_chat_session_answers_in_the_room_left(tok):
 def test_sampling_settings_are_checked(script, flag, message, capsys):
     with pytest.raises(SystemExit):
         script.parse_args([flag])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [("--val-fraction=0", "must be a fraction above 0 and below 1, got '0'"),
+     ("--val-fraction=1.5", "must be a fraction above 0 and below 1, got '1.5'"),
+     ("--num-epochs=0", "must be a number above 0, got '0'"), ("--num-epochs=nan", "must be a number above 0")],
+)  # fmt: skip
+def test_finetuning_amounts_are_checked(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        chat_sft.parse_args([flag])
     assert message in capsys.readouterr().err
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN
 
+from nanojax import chat
 from nanojax.checkpoint import Checkpoints
 from nanojax.pretrain import pretrain
 from nanojax.sft import inherit, sft
@@ -68,9 +69,12 @@ def test_sft_loss_on_assistant_tokens_falls(finetuned, base):
     assert meta["val_loss"] == finetuned["final_val_loss"] and meta["user_config"]["base_checkpoint"].endswith("/3")
 
 
-def test_sft_starts_from_the_base_weights(base):
-    """With every lr at 0, one step leaves the restored base weights as they were."""
-    s = run_sft(base, "frozen", "--num-iterations=1", "--init-lr-frac=0")
+def test_sft_starts_from_the_base_weights(base, capsys):
+    """With every lr at 0, one step leaves the restored base weights as they were. (Validating on the
+    training conversations is allowed, with a note.)"""
+    convs = chat.ensure_conversations(base)
+    s = run_sft(base, "frozen", "--num-iterations=1", "--init-lr-frac=0", f"--data={convs}", f"--val-data={convs}")
+    assert "note: 2,000 of the 2,000 --val-data conversations are training ones too" in capsys.readouterr().out
     base_params = Checkpoints(base / "base_checkpoints" / "chat").restore_params().params
     for a, b in zip(jax.tree.leaves(s["params"]), jax.tree.leaves(base_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
