@@ -278,11 +278,18 @@ def finetune_groups(
     model_dim: int, init_lr_frac: float, *, weight_decay: float, adam_betas: tuple[float, float], **lrs
 ) -> dict[str, Group]:
     """chat_sft's groups: the lrs as given (not scaled by the batch size, as pretraining's are) x init_lr_frac."""
+    if not 0 <= init_lr_frac < math.inf:
+        raise UserError(f"--init-lr-frac {init_lr_frac} must be a finite number >= 0")
     return _lrs_times(init_lr_frac, model_dim, weight_decay, adam_betas, lrs)
 
 
 def _lrs_times(scale: float, model_dim: int, weight_decay: float, adam_betas, lrs: dict) -> dict[str, Group]:
-    if negative := [f"--{name.replace('_', '-')} {lr}" for name, lr in lrs.items() if not lr >= 0]:
-        raise UserError(f"{', '.join(negative)}: learning rates must be >= 0")
+    if bad := [f"--{name.replace('_', '-')} {lr}" for name, lr in lrs.items() if not 0 <= lr < math.inf]:
+        raise UserError(f"{', '.join(bad)}: learning rates must be finite numbers >= 0")
+    if not 0 <= weight_decay < math.inf:
+        raise UserError(f"--weight-decay {weight_decay} must be a finite number >= 0")
+    if not all(0 <= beta < 1 for beta in adam_betas):  # beta2 = 1 never updates the second moment from 0
+        raise UserError(f"--adam-beta1, --adam-beta2 {adam_betas[0]}, {adam_betas[1]}: AdamW's betas must be >= 0 "
+                        "and below 1")  # fmt: skip
     scaled = {name: lr * scale for name, lr in lrs.items()}
     return setup_groups(model_dim, weight_decay=weight_decay, adam_betas=adam_betas, **scaled)

@@ -435,9 +435,13 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
             loss = float(np.mean(np.asarray(losses)))  # the one sync per step
             dt = timer.tick()
             if not math.isfinite(loss):
+                # This run's last checkpoint, saved or resumed from; not one of an earlier run in the folder.
+                good = saved_step if saved_step is not None else max(run.resume_from_step, 0)
+                where = (f"its last good checkpoint, step {good}, is in {run.checkpoint_dir}: resume from it" if good
+                         else "this run saved no checkpoint: start it again")  # fmt: skip
                 raise UserError(
-                    f"loss became {loss} at step {step}; the last good checkpoint is kept in {run.checkpoint_dir}: "
-                    "lower the learning rates (--matrix-lr, --embedding-lr) or resume from it"
+                    f"loss became {loss} at step {step}; {where} with lower learning rates (--matrix-lr, "
+                    "--embedding-lr)"
                 )
             if step > first_step:
                 loop["total_training_time"] += dt

@@ -18,6 +18,7 @@ from nanojax.optim import (
     batch_lr_scale,
     build_optimizer,
     depth_weight_decay,
+    finetune_groups,
     muon,
     param_labels,
     scaled_groups,
@@ -137,6 +138,14 @@ def test_schedule_and_learning_rates_are_checked():
         Schedule(100, warmup_ratio=2.0)
     with pytest.raises(UserError, match="--final-lr-frac -0.1"):
         Schedule(100, final_lr_frac=-0.1)
-    lrs = dict(embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=-1.0, scalar_lr=0.5)
-    with pytest.raises(UserError, match="--matrix-lr -1.0: learning rates must be >= 0"):
-        scaled_groups(128, 4, 4096, **lrs, weight_decay=0.0, adam_betas=(0.8, 0.95))
+    lrs = dict(embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(UserError, match=f"--matrix-lr {bad}: learning rates must be finite numbers >= 0"):
+            scaled_groups(128, 4, 4096, **(lrs | {"matrix_lr": bad}), weight_decay=0.0, adam_betas=(0.8, 0.95))
+    with pytest.raises(UserError, match="--weight-decay inf must be a finite number >= 0"):
+        scaled_groups(128, 4, 4096, **lrs, weight_decay=math.inf, adam_betas=(0.8, 0.95))
+    for betas in [(1.5, 0.95), (0.8, 1.0), (-0.1, 0.95)]:
+        with pytest.raises(UserError, match="AdamW's betas must be >= 0 and below 1"):
+            finetune_groups(128, 0.8, **lrs, weight_decay=0.0, adam_betas=betas)
+    with pytest.raises(UserError, match="--init-lr-frac -1 must be a finite number >= 0"):
+        finetune_groups(128, -1, **lrs, weight_decay=0.0, adam_betas=(0.8, 0.95))

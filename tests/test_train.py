@@ -381,10 +381,13 @@ def test_sizes_must_be_positive_integers(flag, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base):
-    with pytest.raises(UserError, match="loss became"):
-        run(tiny_base, "--num-iterations=8", "--save-every=1", "--model-tag=nan", "--unembedding-lr=1e38",
-            "--embedding-lr=1e38", "--matrix-lr=1e38")  # fmt: skip
+    huge_lrs = ["--unembedding-lr=1e38", "--embedding-lr=1e38", "--matrix-lr=1e38"]
+    with pytest.raises(UserError, match=r"loss became \w+ at step (\d+); its last good checkpoint, step \d+, is in"):
+        run(tiny_base, "--num-iterations=8", "--save-every=1", "--model-tag=nan", *huge_lrs)
     ckpts = Checkpoints(tiny_base / "base_checkpoints" / "nan")
     assert ckpts.steps()
+    # A run that saved nothing does not point at the checkpoints of an earlier run in its folder.
+    with pytest.raises(UserError, match=r"at step \d+; this run saved no checkpoint: start it again with lower"):
+        run(tiny_base, "--num-iterations=8", "--save-every=-1", "--model-tag=nan", *huge_lrs)
     restored = ckpts.restore_params()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
