@@ -48,7 +48,12 @@ def load_vectors(json_path) -> tuple[dict, dict[str, np.ndarray]]:
     json_path = Path(json_path)
     if not json_path.is_file():
         raise UserError(f"no vector set at {json_path}: pass the path of a reference json such as a.json")
-    meta = json.loads(json_path.read_text())
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{json_path} is not a vector set's json: pass the json (a.json), not its npz") from None
+    if not isinstance(meta, dict) or "gpt_config" not in meta:
+        raise UserError(f"{json_path} is not a vector set's json (it has no gpt_config): pass one such as a.json")
     arrays = {}
     for name in meta.get("files", {}):
         path = json_path.parent / name
@@ -320,14 +325,17 @@ def trajectory_checks(folder) -> tuple[list[Row], list[tuple[int, float, float]]
         raise UserError(
             f"no trajectory.json in {folder}: pass a folder like ../shared/reference/nanochat_trajectory_d4"
         )
-    meta = json.loads((folder / "trajectory.json").read_text())
-    flags = meta["cli"]
+    try:
+        meta = json.loads((folder / "trajectory.json").read_text(encoding="utf-8"))
+        flags, model_config = meta["cli"], meta["derived"]["model_config"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{folder / 'trajectory.json'} is not a trajectory's (no cli, derived.model_config)") from None
     with np.load(folder / "init.npz") as z:
         init = prefixed({k: z[k] for k in z.files}, "param/")
     with np.load(folder / "batches.npz") as z:
         xs, ys, ref_losses = z["x"], z["y"], z["micro_losses"]
 
-    config = GPTConfig(**meta["derived"]["model_config"])
+    config = GPTConfig(**model_config)
     groups = scaled_groups(
         config.n_embd, flags["depth"], flags["total_batch_size"], embedding_lr=flags["embedding_lr"],
         unembedding_lr=flags["unembedding_lr"], matrix_lr=flags["matrix_lr"], scalar_lr=flags["scalar_lr"],

@@ -1,10 +1,12 @@
 """Every parity row (forward, grads, greedy generation, optimizer steps) on reference sets a and b."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 
+from nanojax.common import UserError
 from nanojax.parity import run_checks, trajectory_checks
 
 
@@ -25,6 +27,16 @@ def test_script_reports_missing_set(tmp_path):
     )  # fmt: skip
     assert out.returncode != 0
     assert out.stderr.strip().count("\n") == 0 and "no vector set" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "path,message",
+    [("nanochat_vectors/a.npz", "is not a vector set's json: pass the json (a.json), not its npz"),
+     ("tokenizer_vectors.json", "is not a vector set's json (it has no gpt_config)")],
+)  # fmt: skip
+def test_a_file_that_is_not_a_vector_set_is_named(reference_dir, path, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_checks(reference_dir / path)
 
 
 def test_training_trajectory_matches_nanochat(reference_dir):
