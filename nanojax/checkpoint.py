@@ -16,6 +16,7 @@ array goes, so a checkpoint written from 4 devices reads back onto 1 and the rev
 
 import json
 import logging
+import operator
 import sys
 import warnings
 from dataclasses import dataclass
@@ -131,6 +132,11 @@ class Checkpoints:
 
     def resolve_step(self, step: int | None = None) -> int:
         """`step`, or the latest complete step when None; a UserError naming the choices otherwise."""
+        if step is not None:
+            try:
+                step = operator.index(step)  # ints, numpy's too; not "200" or 200.0
+            except TypeError:
+                raise UserError(f"step {step!r} is not a checkpoint's step: give an integer (None: latest)") from None
         available = self.steps()
         if step is None:
             if not available:

@@ -145,6 +145,9 @@ def test_missing_step_lists_available(tmp_path):
         save(ckpts, 200, dict_params())
     with pytest.raises(UserError, match=r"no checkpoint for step 150 .*available steps: \[100, 200\]"):
         Checkpoints(tmp_path).resolve_step(150)
+    assert Checkpoints(tmp_path).resolve_step(np.int64(200)) == 200
+    with pytest.raises(UserError, match="step '200' is not a checkpoint's step: give an integer"):
+        Checkpoints(tmp_path).resolve_step("200")  # as a library caller may pass it
 
 
 def test_shape_mismatch(tmp_path):
