@@ -33,11 +33,6 @@ def horizon(args, flops_per_token: int, scaling_params: int) -> int:
 
 
 def pretrain(args, base_dir, prompts):
-    if args.data:
-        dataset.prepare_data(args.data, base_dir, keep_options=True)
-    else:
-        dataset.ensure_data(base_dir)
-    train_shards, val_shards = dataset.list_shards(base_dir, "train"), dataset.list_shards(base_dir, "val")
     tokenizer = get_tokenizer(base_dir)
 
     config = config_from_depth(
@@ -54,6 +49,12 @@ def pretrain(args, base_dir, prompts):
     )  # fmt: skip
     schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     optim = OptimSettings(groups, schedule, orth_dtype)
+    # The data last: preparing it can take long, and the settings above are checked by then.
+    if args.data:
+        dataset.prepare_data(args.data, base_dir, keep_options=True)
+    else:
+        dataset.ensure_data(base_dir)
+    train_shards, val_shards = dataset.list_shards(base_dir, "train"), dataset.list_shards(base_dir, "val")
     tag = args.model_tag or f"d{args.depth}"
     run = RunConfig(
         model_config=config, optim=optim, num_iterations=num_iterations,

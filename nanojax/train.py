@@ -331,6 +331,8 @@ def claimed(folder: Path):
 
 def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params) -> dict:
     config = run.model_config
+    if run.resume_from_step >= 0:  # a checkpoint that is not there is named before any other setting
+        Checkpoints(run.checkpoint_dir).resolve_step(run.resume_from_step)
     if run.resume_from_step >= run.num_iterations:
         raise UserError(
             f"--resume-from-step {run.resume_from_step} is already at the run's end (--num-iterations "

@@ -169,6 +169,13 @@ def run(base, *extra):
     return pretrain(parse_args([*TINY_RUN, f"--base-dir={base}", *extra]), base, ["alpha"])[0]
 
 
+def test_no_tokenizer_is_said_before_any_data_is_prepared(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "prepare_data", None)  # never reached
+    with pytest.raises(UserError, match="no tokenizer at .*scripts.tok_train"):
+        run(tmp_path, "--num-iterations=1")
+    assert not (tmp_path / "base_data").exists()
+
+
 def test_a_resume_names_the_training_settings_it_changes():
     logged = []
     saved = {"total_batch_size": 2048, "matrix_lr": 0.02, "save_every": 5, "device_batch_size": 1, "data": ["a"]}
@@ -258,8 +265,9 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
         run(tiny_base, "--num-iterations=1", "--attention=cudnn")
     one_step = run(tiny_base, "--num-iterations=1", "--model-tag=bad")
     assert one_step["tokens_per_s"] is None  # only its first step, compilation: no steady rate
-    with pytest.raises(UserError, match="no checkpoint for step 7"):
-        run(tiny_base, "--num-iterations=8", "--model-tag=bad", "--resume-from-step=7")
+    for horizon in (8, 7):  # a checkpoint that is not there is named, not the horizon it would end
+        with pytest.raises(UserError, match="no checkpoint for step 7"):
+            run(tiny_base, f"--num-iterations={horizon}", "--model-tag=bad", "--resume-from-step=7")
     with pytest.raises(UserError, match="already at the run's end .* pass a larger --num-iterations"):
         run(tiny_base, "--num-iterations=1", "--model-tag=bad", "--resume-from-step=1")
     with pytest.raises(UserError, match="another model shape, n_layer 2 \\(this run: 3\\)"):
