@@ -20,7 +20,7 @@ from flax import nnx
 
 from benchmarks import machine
 from benchmarks.train_throughput import comma_list
-from nanojax.common import HelpFormatter, cli, positive_int
+from nanojax.common import HelpFormatter, cli, nonnegative_int, positive_int
 from nanojax.engine import Engine
 from nanojax.model import GPT, config_from_depth
 
@@ -48,11 +48,11 @@ def main():
     parser.add_argument("--vocab-size", type=positive_int, default=8192, help="vocabulary size")
     parser.add_argument("--window-pattern", default="L", help="sliding windows per layer, e.g. SSSL")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and cache dtype")
-    parser.add_argument("--batch-size", type=comma_list(int), action="extend",
+    parser.add_argument("--batch-size", type=comma_list(positive_int), action="extend",
                         help="samples decoded together; repeatable or a comma list (default: 1,8)")  # fmt: skip
     parser.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens (one prefill)")
     parser.add_argument("--max-tokens", type=positive_int, default=256, help="new tokens per sample")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    parser.add_argument("--top-k", type=nonnegative_int, default=50, help="sample among the k likeliest (0: all)")
     parser.add_argument("--chunk", type=positive_int, default=16, help="tokens per host round trip for the Engine row")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row (the median is reported)")
     args = parser.parse_args()
@@ -75,7 +75,7 @@ def main():
     for B in args.batch_size or [1, 8]:
         for chunk, name in ((args.chunk, f"engine, chunk {args.chunk}"), (1, "round trip per token")):
             engine = Engine(model, cache_dtype=dtype, chunk=chunk)
-            first, dt = time_generate(engine, prompt, B, args.max_tokens, args.top_k, args.repeats)
+            first, dt = time_generate(engine, prompt, B, args.max_tokens, args.top_k or None, args.repeats)
             # ms/step: one new token in every row (at batch 1, ms per token).
             print(f"{B:>5} {name:<22} {first:>10.1f} {1000 * dt / args.max_tokens:>8.2f} "
                   f"{B * args.max_tokens / dt:>9,.0f}")  # fmt: skip

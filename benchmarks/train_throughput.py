@@ -26,7 +26,14 @@ import optax
 from flax import nnx
 
 from benchmarks import machine
-from nanojax.common import HelpFormatter, cli, is_out_of_memory, positive_int
+from nanojax.common import (
+    ATTENTION_IMPLEMENTATIONS,
+    HelpFormatter,
+    cli,
+    is_out_of_memory,
+    nonnegative_int,
+    positive_int,
+)
 from nanojax.model import config_from_depth
 from nanojax.optim import Schedule, scaled_groups
 from nanojax.sharding import make_mesh
@@ -46,7 +53,23 @@ from nanojax.train import (
 
 def comma_list(kind):
     """A repeatable flag that also takes comma lists: `--dtype float32,bfloat16`."""
-    return lambda s: [kind(x) for x in s.split(",")]
+
+    def parse(text: str) -> list:
+        return [kind(x) for x in text.split(",")]
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names it in "invalid ... value"
+    return parse
+
+
+def one_of(*names: str):
+    """A comma-list item type that must be one of `names`."""
+
+    def check(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(names)}")
+        return text
+
+    return check
 
 
 def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
@@ -109,16 +132,16 @@ def main():
                         help="rows per device per micro-step; repeatable or a comma list (default: 1,8)")  # fmt: skip
     parser.add_argument("--total-batch-size", type=positive_int, default=4096,
                         help="tokens per optimizer step; the rest is gradient accumulation")  # fmt: skip
-    parser.add_argument("--dtype", type=comma_list(str), action="extend",
+    parser.add_argument("--dtype", type=comma_list(one_of("float32", "bfloat16")), action="extend",
                         help="compute dtype: float32 and/or bfloat16; repeatable (default: float32)")  # fmt: skip
-    parser.add_argument("--attention", type=comma_list(str), action="extend",
+    parser.add_argument("--attention", type=comma_list(one_of("auto", *ATTENTION_IMPLEMENTATIONS)), action="extend",
                         help="self-attention: auto, nanojax, xla, cudnn; repeatable (default: auto)")  # fmt: skip
     parser.add_argument("--loss-chunk", type=positive_int, default=None,
                         help="opt-in: fused lm_head + softcap + cross-entropy over vocab chunks")  # fmt: skip
     parser.add_argument("--ynn-dots", action="store_true",
                         help="opt-in: XLA CPU's YNNPACK matmuls (fast bfloat16; not float32-faithful)")  # fmt: skip
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per row (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps after the first")
     args = parser.parse_args()
     batch_sizes, dtypes = args.device_batch_size or [1, 8], args.dtype or ["float32"]
     attentions = args.attention or ["auto"]
