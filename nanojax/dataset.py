@@ -137,6 +137,11 @@ def iter_documents(
     return documents()
 
 
+def skipped_note(skipped: list, of: str = "") -> str:
+    return (f"skipped {len(skipped)} file(s){of} that are not text: not UTF-8 (convert them, e.g. with iconv) or "
+            f"binary (NUL bytes): {a_few(skipped)}")  # fmt: skip
+
+
 def _read_file(path: Path, skipped: list) -> Iterator[str]:
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
@@ -266,8 +271,7 @@ def prepare_data(
             stats = _write_shards(folder, docs, shard_chars, val_fraction, seed)
             stats["skipped_files"] = len(skipped)
             if skipped:
-                print(f"skipped {len(skipped)} file(s) that are not UTF-8 text (convert them, e.g. with iconv), "
-                      f"e.g. {skipped[0]}")  # fmt: skip
+                print(skipped_note(skipped))
         manifest = {**request, **stats, "complete": True}
         _write_manifest(folder, manifest)
         return manifest

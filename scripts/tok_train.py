@@ -11,7 +11,7 @@ import argparse
 import time
 
 from nanojax.common import HelpFormatter, UserError, a_few, cli, get_base_dir, positive_int
-from nanojax.dataset import ensure_data, iter_documents, list_shards
+from nanojax.dataset import ensure_data, iter_documents, list_shards, skipped_note
 from nanojax.tokenizer import META_FILE, Tokenizer, cap_documents, check_vocab_size, tokenizer_dir
 
 EVAL_CHARS = 1_000_000  # held-out text for the compression figure
@@ -63,7 +63,7 @@ def main(argv=None):
     train_time = time.time() - t0
     print(f"trained on {num_chars:,} characters in {train_time:.2f}s")
     if skipped:
-        print(f"skipped {len(skipped)} files that are not UTF-8 text, e.g. {skipped[0]}")
+        print(skipped_note(skipped, " of those read"))  # reading stops at --max-chars
     if tok.get_vocab_size() < args.vocab_size:
         print(f"warning: the text only supports {tok.get_vocab_size():,} tokens, fewer than --vocab-size")
 

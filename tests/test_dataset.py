@@ -113,6 +113,10 @@ def test_prepare_user_folder_is_idempotent(user_folder, tmp_path, capsys):
     base = tmp_path / "base"
     manifest = prepare_data([str(user_folder)], base)
     assert manifest["complete"] and manifest["skipped_files"] == 1
+    assert (
+        f"skipped 1 file(s) that are not text: not UTF-8 (convert them, e.g. with iconv) or binary (NUL bytes): "
+        f"{user_folder / 'e.bin'}\n" in capsys.readouterr().out
+    )
     train, val = list_shards(base, "train"), list_shards(base, "val")
     assert [p.name for p in train + val] == ["shard_00000.parquet", "shard_00001.parquet"]
     # every document once, its files in a seeded shuffle (validation is then no one folder's files)
