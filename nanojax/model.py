@@ -9,6 +9,7 @@ and `convert.from_nanochat` translate between the two naming schemes.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -29,6 +30,10 @@ ATTN_QUERY_BLOCK = 256  # self-attention runs in query blocks of this many rows,
 CE_ROW_BLOCK = 512  # the fused cross-entropy's row tile: with 2,048-column chunks its logits stay in cache
 
 
+def _is_positive_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     sequence_len: int = 2048
@@ -40,6 +45,9 @@ class GPTConfig:
     window_pattern: str = "SSSL"
 
     def __post_init__(self):
+        sizes = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+        if bad := [f"{k} {getattr(self, k)!r}" for k in sizes if not _is_positive_int(getattr(self, k))]:
+            raise UserError(f"model sizes must be positive integers: {', '.join(bad)}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: change --head-dim")
         if self.head_dim % 2:

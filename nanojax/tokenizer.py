@@ -145,6 +145,8 @@ class Tokenizer:
         return set(self.special_tokens)
 
     def encode_special(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise UserError(f"no special token {name!r}: the special tokens are {', '.join(self.special_tokens)}")
         return self.special_tokens[name]
 
     def get_bos_token_id(self) -> int:

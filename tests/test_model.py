@@ -299,6 +299,8 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(window_pattern="SXL")
     with pytest.raises(UserError, match="n_kv_head"):
         GPTConfig(n_head=6, n_kv_head=4)
+    with pytest.raises(UserError, match="model sizes must be positive integers: vocab_size 0, n_layer 0"):
+        GPTConfig(n_layer=0, vocab_size=0)
     with pytest.raises(UserError, match="head dim 7 is odd"):
         config_from_depth(2, aspect_ratio=32, head_dim=7, max_seq_len=16, vocab_size=64)
     with pytest.raises(UserError, match="unknown attention 'flash'"):

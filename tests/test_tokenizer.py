@@ -87,6 +87,8 @@ def test_encode_batch_prepend_append(ref_tok):
     assert ref_tok.get_special_tokens() == set(SPECIAL_TOKENS)
     with pytest.raises(TypeError):
         ref_tok.encode(b"bytes")
+    with pytest.raises(UserError, match="no special token '<\\|nope\\|>': the special tokens are <\\|bos\\|>, "):
+        ref_tok.encode("hi", prepend="<|nope|>")
 
 
 def test_save_load_round_trip(ref_tok, reference_dir, vectors, tmp_path):
