@@ -397,11 +397,11 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
     def evaluate_now(params):
         # eval_batches is only a cap (validation is one pass over a split of unknown size): no ETA.
         batches = itertools.islice(val_batches(local_rows), eval_batches)
-        value, _ = evaluate(params, batches, progress=eval_batches >= PROGRESS_BATCHES)
+        value, tokens = evaluate(params, batches, progress=eval_batches >= PROGRESS_BATCHES)
         getattr(history, metric).append((step, value))
         best = loop[f"min_{metric}"]
         loop[f"min_{metric}"] = value if best is None else min(best, value)
-        log(f"step {step:05d} | val {run.eval_metric} {value:.4f}")
+        log(f"step {step:05d} | val {run.eval_metric} {value:.4f} over {tokens:,} tokens")
         if on_metrics:
             on_metrics(step, {metric: value})
         return value
