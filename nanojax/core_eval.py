@@ -74,6 +74,9 @@ class TaskResult:
 # --- the bundle -----------------------------------------------------------------------------------
 
 
+TASK_KEYS = ("label", "dataset_uri", "icl_task_type", "num_fewshot")  # what a core.yaml task must give
+
+
 def load_bundle(bundle_dir) -> list[Task]:
     """The tasks of a bundle, in core.yaml's order."""
     bundle_dir = Path(bundle_dir)
@@ -115,9 +118,6 @@ def check_shots(tasks: list[Task], max_per_task: int = -1) -> None:
             raise UserError(f"task {task.label} asks for {task.num_fewshot} shots but has {n} items"
                             f"{' (--max-per-task)' if n < len(task.items) else ''}: it needs at least "
                             f"{task.num_fewshot + 1}; raise --max-per-task")  # fmt: skip
-
-
-TASK_KEYS = ("label", "dataset_uri", "icl_task_type", "num_fewshot")  # what a core.yaml task must give
 
 
 def _read_task(spec: dict, bundle_dir: Path, baselines: dict) -> Task:
