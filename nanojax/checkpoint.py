@@ -72,6 +72,7 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = None):
         self.directory = Path(directory).expanduser().resolve()
+        self._max_to_keep = max_to_keep
         self._saving: int | None = None  # the step of the latest save, whose errors surface later
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for name in TREE_ITEMS:  # registered up front so a fresh manager can read item metadata
@@ -156,8 +157,9 @@ class Checkpoints:
 
     # ---- saving ----------------------------------------------------------------------------
 
-    def save(self, step: int, params, opt_state, loader_state: dict | None, metadata: dict) -> None:
-        """Start an async save; returns once arrays are copied off-device (safe to donate them)."""
+    def save(self, step: int, params, opt_state, loader_state: dict | None, metadata: dict) -> list[int]:
+        """Start an async save; returns once arrays are copied off-device (safe to donate them), with
+        the steps that max_to_keep removes once it is written."""
         path = self.step_dir(step)
         # Orbax never overwrites (and an async save is not on disk yet, hence all_steps); say so here.
         if path.exists() or step in self._manager.all_steps():
@@ -173,7 +175,9 @@ class Checkpoints:
         self._saving = step
         self.directory.mkdir(parents=True, exist_ok=True)
         # force=True: Orbax silently skips (returns False) a step below its latest; we never want that.
+        kept = sorted({*self._manager.all_steps(), step})  # steps only grow (a resume refuses later ones)
         self._written(lambda: self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        return kept[: -self._max_to_keep] if self._max_to_keep else []
 
     def wait(self) -> None:
         """Block until pending async saves are committed (and old ones pruned); raises their errors."""

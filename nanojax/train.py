@@ -418,7 +418,9 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
             "device_batch_size": run.device_batch_size, "max_seq_len": T, "loop_state": loop_state,
             "tokenizer_fingerprint": tokenizer.fingerprint(), "nanojax_version": __version__,
         }  # fmt: skip
-        ckpts.save(step, params, opt_state, all_processes_state(loader_state), meta)
+        pruned = ckpts.save(step, params, opt_state, all_processes_state(loader_state), meta)
+        dropped = f" (dropping step {a_few(pruned)}: --keep-checkpoints {run.keep_checkpoints})" if pruned else ""
+        log(f"step {step:05d} | checkpoint {ckpts.step_dir(step)}{dropped}")
 
     params, opt_state = state.params, state.opt_state
     del state  # the step donates these buffers: keep no second reference

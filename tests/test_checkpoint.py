@@ -52,7 +52,7 @@ METADATA = {"step": 7, "val_bpb": np.float32(1.25), "model_config": {"depth": 2}
 
 
 def save(ckpts, step, params, opt_state=None, loader_state=None, metadata=None):
-    ckpts.save(step, params, opt_state, loader_state or {"pos": step}, metadata or {"step": step})
+    return ckpts.save(step, params, opt_state, loader_state or {"pos": step}, metadata or {"step": step})
 
 
 def test_round_trip_dict(tmp_path):
@@ -90,9 +90,9 @@ def test_latest_step_and_max_to_keep(tmp_path):
     params = dict_params()
     with Checkpoints(tmp_path, max_to_keep=2) as ckpts:
         assert ckpts.latest_step() is None
-        for step in (10, 20, 30, 40):
-            save(ckpts, step, params)
+        dropped = [save(ckpts, step, params) for step in (10, 20, 30, 40)]
         ckpts.wait()
+        assert dropped == [[], [], [10], [20]]  # what each save said it would remove
         assert ckpts.steps() == [30, 40]
         assert ckpts.latest_step() == 40
     assert Checkpoints(tmp_path).read_metadata() == {"step": 40}  # metadata-only read of the latest

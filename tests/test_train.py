@@ -311,6 +311,7 @@ def test_too_little_disk_for_the_checkpoints_is_said_at_the_start(tiny_base, mon
     assert re.search(r"note: 1 MiB free in \S+, less than 3 checkpoints of [1-9]\d* MiB: saves may fail", out)
     assert out.index("note: 1 MiB free") < out.index("step 00001")
     assert re.search(r"step 00001 \| val bpb \d\.\d{4} over [1-9][\d,]* tokens\n", out)  # how much it read
+    assert f"step 00001 | checkpoint {tiny_base / 'base_checkpoints' / 'disk' / '1'}\n" in out
 
 
 def test_ctrl_c_saves_the_step_in_flight_and_a_second_stops_at_once(tiny_base, monkeypatch, capsys):
