@@ -23,8 +23,9 @@ def parse_args(argv=None):
     a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
-    a("--eval-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for bpb, in whole "
-      "batches (at least one) of --device-batch-size rows; 0 skips it")  # fmt: skip
+    a("--eval-tokens", "--split-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for "
+      "bpb, in whole batches (at least one) of --device-batch-size rows; 0 skips it (--split-tokens: nanochat's "
+      "base_loss name)")  # fmt: skip
     a("--device-batch-size", type=positive_int, default=32, help="validation rows per device per batch")
     a("--core-bundle", default=None, help="CORE task bundle directory (default <base_dir>/eval_bundle if present)")
     a("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
