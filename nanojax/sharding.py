@@ -5,23 +5,51 @@ dimension over it. Parameters and optimizer state are replicated, or with FSDP s
 axis along their first dimension that divides evenly (the table in `leaf_spec`).
 """
 
+import json
 import os
+import zlib
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nanojax.common import UserError
 
 DATA = "data"
 
 
-def initialize_distributed() -> None:
-    """Join a multi-process run when the environment describes one (a no-op for a single process)."""
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+def initialize_distributed(flags: dict | None = None) -> None:
+    """Join a multi-process run when the environment describes one (a no-op for a single process), then
+    check that every process was started with the same flags (all but --base-dir, which is per host)."""
+    if not (int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    address, count = os.environ.get("JAX_COORDINATOR_ADDRESS"), os.environ.get("JAX_NUM_PROCESSES", "?")
+    print(f"joining a run of {count} processes through {address} as process {os.environ.get('JAX_PROCESS_ID', '?')}"
+          ": it waits for all of them (up to 5 minutes)", flush=True)  # fmt: skip
+    try:
         jax.distributed.initialize(
-            coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+            coordinator_address=address,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in os.environ else None,
             process_id=int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
         )
+    except (jax.errors.JaxRuntimeError, ValueError) as e:  # a port in use, a bad process id
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"can't join the run through {address} ({first[:200]}): check JAX_COORDINATOR_ADDRESS "
+                        "(a free port on process 0's host), JAX_NUM_PROCESSES, JAX_PROCESS_ID") from None  # fmt: skip
+    if flags is not None:
+        check_same_flags({k: v for k, v in flags.items() if k != "base_dir"})
+
+
+def check_same_flags(flags: dict) -> None:
+    """Processes started with different flags would hang in a collective, or train replicas that differ:
+    refused at the start, naming the flags, on every process."""
+    names = sorted(flags)
+    digests = [zlib.crc32(json.dumps(flags[k], sort_keys=True, default=str).encode()) for k in names]
+    table = np.asarray(multihost_utils.process_allgather(np.asarray(digests, np.int64)))  # (processes, flags)
+    if differ := [name for name, column in zip(names, table.T, strict=True) if len(set(column.tolist())) > 1]:
+        raise UserError(f"the processes of this run were started with different {', '.join(differ)}: start every "
+                        "process with the same flags")  # fmt: skip
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

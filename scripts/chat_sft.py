@@ -85,7 +85,7 @@ def main(argv=None):
     args = parse_args(argv)
     from nanojax.sharding import initialize_distributed  # imports jax: inside cli, so a Ctrl-C is one line
 
-    initialize_distributed()
+    initialize_distributed(vars(args))
     from nanojax.report import num
     from nanojax.sft import sft  # imports jax: after the distributed start-up
 

@@ -88,7 +88,7 @@ def main(argv=None):
     args = parse_args(argv)
     from nanojax.sharding import initialize_distributed  # imports jax: inside cli, so a Ctrl-C is one line
 
-    initialize_distributed()
+    initialize_distributed(vars(args))
     from nanojax.pretrain import pretrain  # imports jax: after the distributed start-up
     from nanojax.report import num
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLAGS = [*TINY_RUN, "--num-iterations=4", "--data-readers=2", "--eval-tokens=256"]
 
 
-def launch(base, tag, devices, process_id=None, port=None):
+def launch(base, tag, devices, process_id=None, port=None, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env |= {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     if process_id is not None:
@@ -26,7 +26,7 @@ def launch(base, tag, devices, process_id=None, port=None):
             "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": str(process_id),
         }
-    cmd = [sys.executable, "-m", "scripts.pretrain", *FLAGS, f"--base-dir={base}", f"--model-tag={tag}"]
+    cmd = [sys.executable, "-m", "scripts.pretrain", *FLAGS, f"--base-dir={base}", f"--model-tag={tag}", *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -54,3 +54,14 @@ def test_two_processes_equal_one_process_with_four_devices(tiny_base):
     assert len(one) == 4 and two[0] == two[1]
     np.testing.assert_allclose(two[0], one, atol=2e-6)
     assert (tiny_base / "base_checkpoints" / "two" / "4").is_dir()
+
+
+def test_processes_started_with_different_flags_are_refused_at_the_start(tiny_base):
+    """They would hang in a collective (another --num-iterations) or train replicas that differ (--seed)."""
+    port = free_port()
+    procs = [launch(tiny_base, "mixed", 1, i, port, f"--seed={i}", f"--num-iterations={4 + i}") for i in (0, 1)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2, out[-3000:]
+        assert "error: the processes of this run were started with different num_iterations, seed: start" in out
+    assert not (tiny_base / "base_checkpoints" / "mixed").exists()
