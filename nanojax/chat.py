@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanojax.common import UserError
+from nanojax.common import UserError, changed
 from nanojax.engine import calculate
 
 ROLES = ("user", "assistant", "system")
@@ -276,8 +276,8 @@ class SFTLoader:
         mine = saved.get(str(self.reader))
         if mine is None:
             diffs = [f"readers: saved {len(saved)}, now {self.readers}"]
-        else:  # keys an older state lacks are not compared
-            diffs = [f"{k}: saved {mine[k]}, now {v}" for k, v in self.layout.items() if k in mine and mine[k] != v]
+        else:
+            diffs = changed(mine, self.layout)
         if diffs:
             raise UserError(
                 f"the checkpoint's data position does not fit this run ({'; '.join(diffs)}): resume with the same "

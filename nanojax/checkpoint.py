@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from nanojax.common import UserError, a_few
+from nanojax.common import UserError, a_few, changed
 
 TREE_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("loader_state", "metadata")
@@ -301,7 +301,7 @@ class Checkpoints:
         """Compare saved and wanted shapes leaf by leaf, for a message better than Orbax's."""
         saved = _shapes(self._guarded(step, lambda: self._manager.item_metadata(step)[name].tree))
         wanted = _shapes(target)
-        diffs = [f"{k}: saved {saved[k]}, wanted {wanted[k]}" for k in wanted if k in saved and saved[k] != wanted[k]]
+        diffs = changed(saved, wanted, "wanted")
         diffs += [f"{k} not in checkpoint" for k in wanted if k not in saved]
         diffs += [f"{k} not in the model" for k in saved if k not in wanted]
         if not diffs:

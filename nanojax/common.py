@@ -53,6 +53,12 @@ def get_base_dir(base_dir: str | os.PathLike | None = None, *, create: bool = Fa
     return path
 
 
+def changed(saved: dict, now: dict, now_word: str = "now") -> list[str]:
+    """'key: saved X, now Y' for each key of `now` whose saved value differs. Keys `saved` lacks (a state
+    written before they were kept) are not compared."""
+    return [f"{k}: saved {saved[k]}, {now_word} {v}" for k, v in now.items() if k in saved and saved[k] != v]
+
+
 def a_few(items, n: int = 3) -> str:
     """The first n items, comma-separated, then "..." if there are more: an error names examples, not hundreds."""
     items = [str(item) for item in items]

@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanojax.common import UserError
+from nanojax.common import UserError, changed
 
 # A chunk: (shard index, row group, first document, end document) within that row group.
 Chunk = tuple[int, int, int, int]
@@ -208,9 +208,9 @@ class Loader(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         layout = self._docs.layout
-        diffs = [f"{k}: saved {state[k]}, now {v}" for k, v in layout.items() if k in state and state[k] != v]
+        diffs = changed(state, layout)
         if diffs:
-            raise UserError(  # keys an older state lacks are not compared
+            raise UserError(
                 f"the loader state does not fit these shards ({'; '.join(diffs)}): resume with the data, process "
                 "count and --crop-long-docs it was saved with, or start a fresh run"
             )
