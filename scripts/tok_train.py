@@ -40,7 +40,7 @@ def main(argv=None):
 
     existing, users = tokenizer_in_use(args.base_dir)
     if users and args.vocab_size < existing.get_vocab_size():  # can't come out the same: refused now, not after
-        in_use(existing, users, args.base_dir)
+        refuse_replacing(existing, users, args.base_dir)
     if users:
         print(f"note: {len(users)} model(s) were trained with the tokenizer in {tokenizer_dir(args.base_dir)}; "
               "the new one is saved only if it comes out the same")  # fmt: skip
@@ -81,14 +81,14 @@ def main(argv=None):
     print(f"compression: {ratio:.3f} bytes/token on {label} ({sum(map(len, sample)):,} chars)")
 
     if users and tok.fingerprint() != existing.fingerprint():
-        in_use(existing, users, args.base_dir)
+        refuse_replacing(existing, users, args.base_dir)
     path = tok.save(tokenizer_dir(args.base_dir))
     nonzero = tok.token_bytes[tok.token_bytes > 0]
     print(f"vocab size {tok.get_vocab_size():,}; token bytes mean {nonzero.mean():.2f}, max {nonzero.max()}")
     print(f"saved the tokenizer (fingerprint {tok.fingerprint()}) to {path}")
 
 
-def in_use(existing: Tokenizer, users: list, base_dir) -> None:
+def refuse_replacing(existing: Tokenizer, users: list, base_dir) -> None:
     """Refuse to replace a tokenizer models were trained with: checkpoints carry no copy of it."""
     raise UserError(
         f"{len(users)} model(s) were trained with the {existing.get_vocab_size():,}-token tokenizer in "
