@@ -45,8 +45,7 @@ def base_run_flags(meta: dict) -> dict:
     flags = {"device_batch_size": nanochat.get("device_batch_size"), **(nanochat.get("user_config") or {})}
     if isinstance(flags.get("optimizer_kwargs"), dict):
         flags |= flags.pop("optimizer_kwargs")
-    flags |= meta.get("user_config") or {}
-    return {k: v for k, v in flags.items() if v is not None}
+    return flags | (meta.get("user_config") or {})
 
 
 def inherit(args, meta: dict, log=print) -> None:

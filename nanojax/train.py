@@ -331,8 +331,9 @@ def claimed(folder: Path):
 
 def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params) -> dict:
     config = run.model_config
-    if run.resume_from_step >= 0:  # a checkpoint that is not there is named before any other setting
-        Checkpoints(run.checkpoint_dir).resolve_step(run.resume_from_step)
+    ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints) if run.resume_from_step >= 0 else None
+    if ckpts is not None:  # a checkpoint that is not there is named before any other setting
+        ckpts.resolve_step(run.resume_from_step)
     if run.resume_from_step >= run.num_iterations:
         raise UserError(
             f"--resume-from-step {run.resume_from_step} is already at the run's end (--num-iterations "
@@ -352,7 +353,6 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
     # A fresh run sets an earlier run in its folder aside at its first save, not before: a run that fails
     # to start (a bad flag, out of memory, Ctrl-C while compiling) leaves the model tag as it was. A folder
     # that is not a run's is refused now, not after the training it would have held.
-    ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints) if run.resume_from_step >= 0 else None
     if ckpts is None:
         check_run_folder(Path(run.checkpoint_dir))
     load = init_params if run.resume_from_step < 0 else None  # a resume restores its own params
