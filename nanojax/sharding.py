@@ -7,6 +7,7 @@ axis along their first dimension that divides evenly (the table in `leaf_spec`).
 
 import json
 import os
+import sys
 import zlib
 
 import jax
@@ -39,6 +40,11 @@ def initialize_distributed(flags: dict | None = None) -> None:
                         "(a free port on process 0's host), JAX_NUM_PROCESSES, JAX_PROCESS_ID") from None  # fmt: skip
     if flags is not None:
         check_same_flags({k: v for k, v in flags.items() if k != "base_dir"})
+    if jax.process_index() != 0:
+        # Every process runs the same loop: one log (nanochat's print0) is enough. Errors and warnings
+        # go to stderr, which every process keeps.
+        print(f"process {jax.process_index()} joined: the run's log is process 0's", flush=True)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
 
 
 def check_same_flags(flags: dict) -> None:

@@ -430,6 +430,9 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
     first_step = step + 1  # mostly compilation, in a fresh run and in a resumed one: not timed
     stop = StopRequest(log)
     try:
+        if step == 0 and run.eval_every > 0:  # the untrained model's figure, as nanochat gives
+            val = evaluate_now(params)
+            timer.tick()
         while step < run.num_iterations:
             params, opt_state, losses = step_fn(params, opt_state, global_batch(x, sharding), global_batch(y, sharding))
             step += 1

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     g.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of steps decaying the lr at the end")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier the warmdown ends at")
     g = p.add_argument_group("evaluation, sampling, checkpoints (an interval of -1: at the end only)")
-    g.add_argument("--eval-every", type=every_steps, default=200, help="val loss every N steps and at the end")
+    g.add_argument("--eval-every", type=every_steps, default=200, help="val loss before the first step, every N "
+                   "steps and at the end (-1: at the end only)")  # fmt: skip
     g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="at most this many held-out "
                    "tokens, in whole batches (at least one)")  # fmt: skip
     g.add_argument("--sample-every", type=every_steps, default=-1, help="answers every N steps and at the end")

@@ -51,7 +51,7 @@ def test_two_processes_equal_one_process_with_four_devices(tiny_base):
     procs = [launch(tiny_base, "two", 2, i, port) for i in (0, 1)]
     two = [losses(p) for p in procs]
     one = losses(launch(tiny_base, "one", 4))
-    assert len(one) == 4 and two[0] == two[1]
+    assert len(one) == 4 and two[1] == []  # one log, process 0's
     np.testing.assert_allclose(two[0], one, atol=2e-6)
     assert (tiny_base / "base_checkpoints" / "two" / "4").is_dir()
 

@@ -58,8 +58,8 @@ def finetuned(base):
 
 def test_sft_loss_on_assistant_tokens_falls(finetuned, base):
     losses = [loss for _, loss in finetuned["history"].train_loss]
-    val = [loss for _, loss in finetuned["history"].val_loss]
-    assert len(val) == 3 and val[-1] < val[0] - 0.3
+    val_steps, val = zip(*finetuned["history"].val_loss, strict=True)
+    assert val_steps == (0, 10, 20, 30) and val[-1] < val[0] - 0.3  # from the base model's, at step 0
     assert losses[-1] < losses[0] - 0.5
     assert (base / "chat_data" / "synthetic.jsonl").is_file()
     folder = Path(finetuned["checkpoint_dir"])

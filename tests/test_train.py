@@ -306,11 +306,12 @@ def test_one_run_at_a_time_per_model_tag(tiny_base, monkeypatch):
 
 def test_too_little_disk_for_the_checkpoints_is_said_at_the_start(tiny_base, monkeypatch, capsys):
     monkeypatch.setattr("nanojax.train.shutil.disk_usage", lambda _: SimpleNamespace(free=2**20))
-    run(tiny_base, "--num-iterations=1", "--model-tag=disk", "--keep-checkpoints=2")
+    run(tiny_base, "--num-iterations=1", "--model-tag=disk", "--keep-checkpoints=2", "--eval-every=1")
     out = capsys.readouterr().out
     assert re.search(r"note: 1 MiB free in \S+, less than 3 checkpoints of [1-9]\d* MiB: saves may fail", out)
     assert out.index("note: 1 MiB free") < out.index("step 00001")
     assert re.search(r"step 00001 \| val bpb \d\.\d{4} over [1-9][\d,]* tokens\n", out)  # how much it read
+    assert out.index("step 00000 | val bpb") < out.index("step 00001/")  # the untrained model's, first
     assert f"step 00001 | checkpoint {tiny_base / 'base_checkpoints' / 'disk' / '1'}\n" in out
 
 
