@@ -227,28 +227,28 @@ def make_batch(convs: Conversations, rows: list[list[int]], row_len: int) -> tup
 class SFTLoader:
     """Endless host batches (inputs, targets) of shape (rows, seq_len) of whole conversations.
 
-    Reader `reader` of `readers` (one per process) takes every readers-th conversation and visits
-    them in a fresh seeded order each epoch. Its state (epoch, position, buffered conversations)
-    resumes the very same batches; `train` merges the readers of all processes into one state."""
+    One stream visits the conversations in a fresh seeded order each epoch and packs the global batch
+    (rows from each of process_count processes); every process packs it alike and keeps its own rows, as
+    pretraining's readers do. The batches are thus the same whatever the process count, and so is the
+    state (epoch, position, buffered conversations): a run resumes on any number of processes."""
 
-    def __init__(self, convs, rows, seq_len, *, reader=0, readers=1, seed=0, buffer_size=100, state=None):
-        self.convs, self.rows, self.row_len = convs, rows, seq_len + 1
-        self.reader, self.readers, self.seed = reader, readers, seed
-        self.ids = np.arange(reader, len(convs), readers)
-        if not len(self.ids):
-            raise UserError(f"{len(convs)} training conversation(s) leave none for process {reader} of {readers}")
+    def __init__(self, convs, rows, seq_len, *, process_index=0, process_count=1, seed=0, buffer_size=100,
+                 state=None):  # fmt: skip
+        self.convs, self.rows, self.row_len, self.seed = convs, rows, seq_len + 1, seed
+        self.mine = slice(process_index * rows, (process_index + 1) * rows)
+        self.global_rows = rows * process_count
         # What a saved position refers to: a state only fits a loader over the same conversations.
-        self.layout = {"conversations": len(convs), "data_fingerprint": convs.fingerprint(), "readers": readers,
-                       "seed": seed}  # fmt: skip
+        self.layout = {"conversations": len(convs), "data_fingerprint": convs.fingerprint(), "seed": seed}
         self.read_epoch, self.cursor, buffer = 1, 0, []
         if state is not None:
             buffer = self._restore(state)
         # A buffer longer than the epoch would hold a conversation twice.
-        self.packer = _Packer(convs, self.row_len, self._stream(), min(buffer_size, len(self.ids)), buffer)
+        self.packer = _Packer(convs, self.row_len, self._stream(), min(buffer_size, len(convs)), buffer)
 
     def _stream(self) -> Iterator[int]:
         while True:
-            order = np.random.default_rng([self.seed, self.reader, self.read_epoch]).permutation(self.ids)
+            # [seed, 0, epoch]: the orders of the per-process readers this stream replaced, reader 0's.
+            order = np.random.default_rng([self.seed, 0, self.read_epoch]).permutation(len(self.convs))
             while self.cursor < len(order):
                 self.cursor += 1
                 yield int(order[self.cursor - 1])
@@ -258,33 +258,35 @@ class SFTLoader:
     def epoch(self) -> int:
         """Epoch (from 1) of the rows made so far, counting the conversations packed into them: the
         stream reads up to a buffer ahead, a whole epoch ahead for a small set."""
-        packed = (self.read_epoch - 1) * len(self.ids) + self.cursor - len(self.packer.buffer)
-        return 1 + max(packed - 1, 0) // len(self.ids)
+        packed = (self.read_epoch - 1) * len(self.convs) + self.cursor - len(self.packer.buffer)
+        return 1 + max(packed - 1, 0) // len(self.convs)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        return make_batch(self.convs, [self.packer.row() for _ in range(self.rows)], self.row_len)
+        rows = [self.packer.row() for _ in range(self.global_rows)]
+        return make_batch(self.convs, rows[self.mine], self.row_len)
 
     def get_state(self) -> dict:
-        mine = {"epoch": self.read_epoch, "cursor": self.cursor, "buffer": list(self.packer.buffer), **self.layout}
-        return {"readers": {str(self.reader): mine}}
+        # The readers layout of pretraining's loader state (train merges the processes' states by reader):
+        # one reader, "0", which every process holds alike.
+        return {"readers": {"0": {"epoch": self.read_epoch, "cursor": self.cursor, "buffer": list(self.packer.buffer),
+                                  **self.layout}}}  # fmt: skip
 
     def _restore(self, state: dict) -> list[int]:
         saved = state.get("readers", {})
-        mine = saved.get(str(self.reader))
-        if mine is None:
-            diffs = [f"readers: saved {len(saved)}, now {self.readers}"]
+        if len(saved) != 1 or "0" not in saved:  # per-process readers: multi-process runs saved them until 2026-11-26
+            diffs = [f"readers: saved {len(saved)}, now one stream for all processes"]
         else:
-            diffs = changed(mine, self.layout)
+            diffs = changed(saved["0"], self.layout)
         if diffs:
             raise UserError(
                 f"the checkpoint's data position does not fit this run ({'; '.join(diffs)}): resume with the same "
-                "conversation files, --val-fraction, --seed and process count"
+                "conversation files, --val-fraction and --seed"
             )
-        self.read_epoch, self.cursor = mine["epoch"], mine["cursor"]
-        return mine["buffer"]
+        self.read_epoch, self.cursor = saved["0"]["epoch"], saved["0"]["cursor"]
+        return saved["0"]["buffer"]
 
 
 def val_batches(convs: Conversations, rows: int, seq_len: int, *, process_index=0, process_count=1, buffer_size=100):

@@ -151,7 +151,7 @@ def sft(args, base_dir, prompts):
         run,
         tokenizer,
         make_train_loader=lambda state, rows: chat.SFTLoader(
-            train_convs, rows, T, reader=rank, readers=ranks, seed=args.seed, state=state
+            train_convs, rows, T, process_index=rank, process_count=ranks, seed=args.seed, state=state
         ),
         val_batches=lambda rows: chat.val_batches(val_convs, rows, T, process_index=rank, process_count=ranks),
         sample=sample,

@@ -141,34 +141,33 @@ def test_malformed_lines_are_reported_with_line_numbers(tok, tmp_path):
     assert sum(f"{path}:" in line for line in logged) == 4
 
 
-def test_loader_state_resumes_the_same_batches(tok, tmp_path):
+def test_loader_state_resumes_the_same_batches_on_any_process_count(tok, tmp_path):
     convs = chat.read_conversations([write_lines(tmp_path / "g.jsonl", chat.generate_conversations(40))], tok, 129)
 
-    def loaders(state=None):
-        return [chat.SFTLoader(convs, 2, 128, reader=r, readers=2, seed=5, buffer_size=6, state=state) for r in (0, 1)]
+    def loaders(count, state=None):  # count processes of 4 // count rows each: 4 rows a step in all
+        rows = 4 // count
+        return [chat.SFTLoader(convs, rows, 128, process_index=i, process_count=count, seed=5, buffer_size=6,
+                               state=state) for i in range(count)]  # fmt: skip
 
-    first = loaders()
-    for _ in range(15):  # past the end of an epoch (20 conversations a reader)
-        [next(loader) for loader in first]
-    assert all(loader.epoch > 1 for loader in first)
-    # As train merges the readers of all processes (all_processes_state), through JSON as a checkpoint.
-    state = json.loads(
-        json.dumps({"readers": {k: v for loader in first for k, v in loader.get_state()["readers"].items()}})
-    )
-    expected = [[next(loader) for loader in first] for _ in range(5)]
-    resumed = loaders(state)
-    for batches in expected:
-        for (x, y), loader in zip(batches, resumed, strict=True):
-            rx, ry = next(loader)
-            np.testing.assert_array_equal(rx, x)
-            np.testing.assert_array_equal(ry, y)
+    def steps(loaders, n):  # each step's global batch: the processes' rows in process order
+        return [np.concatenate([np.stack(next(loader)) for loader in loaders], axis=1) for _ in range(n)]
+
+    one, two = loaders(1), loaders(2)
+    np.testing.assert_array_equal(steps(one, 15), steps(two, 15))  # past the end of an epoch
+    assert two[0].epoch == two[1].epoch == one[0].epoch > 1
+    # As train merges the processes' states (all_processes_state), through JSON as a checkpoint.
+    state = json.loads(json.dumps({"readers": two[0].get_state()["readers"] | two[1].get_state()["readers"]}))
+    assert state == one[0].get_state()
+    expected = steps(two, 5)
+    for count in (1, 2, 4):
+        np.testing.assert_array_equal(steps(loaders(count, state), 5), expected)
     with pytest.raises(UserError, match="conversations: saved 40, now 30; data_fingerprint: saved .*same conv"):
-        chat.SFTLoader(convs.subset(range(30)), 2, 128, reader=1, readers=2, seed=5, state=state)
+        chat.SFTLoader(convs.subset(range(30)), 2, 128, seed=5, state=state)
     others = chat.read_conversations([write_lines(tmp_path / "h.jsonl", chat.generate_conversations(40, 1))], tok, 129)
     with pytest.raises(UserError, match=r"\(data_fingerprint: saved [0-9a-f]{12}, now [0-9a-f]{12}\)"):
-        chat.SFTLoader(others, 2, 128, reader=1, readers=2, seed=5, state=state)  # as many, other conversations
-    with pytest.raises(UserError, match="readers: saved 2, now 1.*process count"):
-        chat.SFTLoader(convs, 2, 128, seed=5, state=state)
+        chat.SFTLoader(others, 2, 128, seed=5, state=state)  # as many, other conversations
+    with pytest.raises(UserError, match=r"\(seed: saved 5, now 6\)"):
+        chat.SFTLoader(convs, 2, 128, seed=6, state=state)
 
 
 def test_the_epoch_counts_the_conversations_in_rows_not_those_read_ahead(tok, tmp_path):
