@@ -240,10 +240,17 @@ def device_peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
-def stack_micro_batches(loader, grad_accum: int) -> tuple[np.ndarray, np.ndarray]:
-    """The next grad_accum host batches as (A, B, T) arrays."""
+def stack_micro_batches(loader, grad_accum: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next grad_accum host batches as (A, B, T) arrays, their ids checked: on the device an id past
+    the vocab reads a clamped embedding row or gives a nan loss, not an error."""
     pairs = [next(loader) for _ in range(grad_accum)]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    x, y = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    for ids, lowest, what in ((x, 0, "input"), (y, -1, "target")):  # target -1: no loss there
+        if ids.size and (ids.min() < lowest or ids.max() >= vocab_size):
+            bad = ids.min() if ids.min() < lowest else ids.max()
+            raise UserError(f"the data holds {what} id {bad}, outside the model's vocab of {vocab_size} tokens: "
+                            "tokenize it with the model's tokenizer")  # fmt: skip
+    return x, y
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -426,7 +433,7 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
     del state  # the step donates these buffers: keep no second reference
     val, saved_step, t_start = None, None, time.perf_counter()
     timer.tick()
-    x, y = stack_micro_batches(loader, accum)
+    x, y = stack_micro_batches(loader, accum, config.vocab_size)
     first_step = step + 1  # mostly compilation, in a fresh run and in a resumed one: not timed
     stop = StopRequest(log)
     try:
@@ -438,7 +445,7 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
             step += 1
             loader_state = loader.get_state()  # the position after this step's batches, for its checkpoint
             if step < run.num_iterations:
-                x, y = stack_micro_batches(loader, accum)  # overlaps with the step running on the device
+                x, y = stack_micro_batches(loader, accum, config.vocab_size)  # while the device runs the step
             loss = float(np.mean(np.asarray(losses)))  # the one sync per step
             dt = timer.tick()
             if not math.isfinite(loss):

@@ -34,6 +34,7 @@ from nanojax.train import (
     make_train_step,
     note_changed_settings,
     platform_attention,
+    stack_micro_batches,
 )
 from scripts.pretrain import parse_args
 
@@ -295,6 +296,16 @@ def test_failed_start_keeps_the_earlier_run_and_samples_never_cost_a_checkpoint(
     pretrain(args, tiny_base, ["alpha " * 400])
     assert "samples skipped: sequence of" in capsys.readouterr().out
     assert Checkpoints(folder).steps() == [2] and len(list(folder.parent.glob("kept-previous-*"))) == 1
+
+
+def test_ids_outside_the_vocab_are_refused_before_the_device_sees_them():
+    """jnp's gathers clamp an input id past the table, and a target past it gives a silent nan loss."""
+    ok = np.array([[0, 5, 9]]), np.array([[5, 9, -1]])
+    x, y = stack_micro_batches(iter([ok, ok]), 2, vocab_size=10)
+    assert x.shape == y.shape == (2, 1, 3)
+    for bad, what in [((ok[0], ok[1] + 1), "target id 10"), ((ok[0] - 1, ok[1]), "input id -1")]:
+        with pytest.raises(UserError, match=f"the data holds {what}, outside the model's vocab of 10 tokens: token"):
+            stack_micro_batches(iter([ok, bad]), 2, vocab_size=10)
 
 
 def test_one_run_at_a_time_per_model_tag(tiny_base, monkeypatch):
