@@ -377,6 +377,17 @@ def generate_conversations(n: int, seed: int = 0) -> list[list[dict]]:
     return conversations
 
 
+# The generator's kinds that have a checkable answer, as chat_eval's built-in tasks (nanochat's
+# SpellingBee, too, asks to count a letter in a word).
+TASK_KINDS = {"Arithmetic": _arithmetic, "SpellingBee": _counting, "Spelling": _spelling}
+
+
+def generate_task(name: str, n: int, seed: int) -> list[list[dict]]:
+    """n conversations of one kind of TASK_KINDS, the same for the same seed."""
+    rng = random.Random(seed)
+    return [TASK_KINDS[name](rng) for _ in range(n)]
+
+
 def write_conversations(path, conversations) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,196 @@
+"""Chat evaluation, as nanochat's chat_eval: a chat model's accuracy on tasks, and ChatCORE.
+
+A task is a list of conversations whose last message is the assistant's reference answer, of one of
+nanochat's two kinds:
+- categorical (its ARC and MMLU): the item lists its answer "letters" and the reference is one of them.
+  One forward pass per item; the model's answer is the letter with the highest logit where its answer
+  would start (the letters alone compete, as in nanochat).
+- generative (its GSM8K and SpellingBee): the model answers by sampling, its calculator calls run; an
+  item passes when one of its samples' final text (after the last tool call) agrees with the reference's:
+  the same last number when the reference's has one (GSM8K's "#### 72", "The answer is 42."), else the
+  same text, case and spacing aside.
+
+Built-in tasks are drawn from the generator of the default finetuning set (chat.generate_task), with
+another seed than the set's; the user's own are JSONL files, a conversation per line as chat_sft reads
+them, plus "letters" for categorical items. ChatCORE is the mean accuracy centred on chance (1/letters
+for categorical tasks, 0 for generative), over the tasks evaluated.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from nanojax import chat
+from nanojax.common import UserError
+from nanojax.engine import bucket
+
+
+@dataclass
+class Task:
+    name: str
+    items: list[dict]  # {"messages": [...], "letters"?: [...]}
+    categorical: bool
+
+    @property
+    def chance(self) -> float:
+        return float(np.mean([1 / len(item["letters"]) for item in self.items])) if self.categorical else 0.0
+
+
+@dataclass
+class TaskResult:
+    task: str
+    kind: str
+    passed: int
+    total: int
+    chance: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.passed / self.total
+
+    @property
+    def centered(self) -> float:
+        return (self.accuracy - self.chance) / (1 - self.chance)
+
+
+def builtin_task(name: str, n: int, seed: int) -> Task:
+    return Task(name, [{"messages": m} for m in chat.generate_task(name, n, seed)], categorical=False)
+
+
+def read_task(name: str, path) -> Task:
+    """A task from a JSONL file; every line is checked, and the first bad one is named."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--task {name}: no file {path}")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            messages = chat.parse_conversation(line)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+        if messages[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the last message must be the assistant's reference answer")
+        record = json.loads(line)
+        letters = record.get("letters") if isinstance(record, dict) else None
+        if letters is not None:
+            if not (isinstance(letters, list) and len(letters) > 1 and all(isinstance(x, str) for x in letters)):
+                raise UserError(f'{where}: "letters" must list two or more answer letters')
+            if messages[-1]["content"] not in letters:
+                raise UserError(f"{where}: the answer {messages[-1]['content']!r} is not one of the letters {letters}")
+        items.append({"messages": messages, "letters": letters})
+    if not items:
+        raise UserError(f"--task {name}: {path} holds no conversations")
+    kinds = {item["letters"] is not None for item in items}
+    if len(kinds) > 1:
+        raise UserError(f"--task {name}: {path} mixes categorical items (with letters) and generative ones")
+    return Task(name, items, categorical=kinds.pop())
+
+
+def run_categorical(model, tokenizer, task: Task, batch_size: int, progress: bool = True) -> TaskResult:
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, idx: nnx.merge(graphdef, p)(idx))
+    letter_ids = {}
+    for item in task.items:
+        for letter in item["letters"]:
+            ids = tokenizer.encode(letter)
+            if len(ids) != 1:
+                raise UserError(f"task {task.name}: the answer letter {letter!r} is {len(ids)} tokens in this "
+                                "tokenizer, not one: use single-token letters (A, B, C, D)")  # fmt: skip
+            letter_ids[letter] = ids[0]
+    passed = 0
+    bar = tqdm(total=len(task.items), desc=task.name, disable=not progress, leave=False)
+    for start in range(0, len(task.items), batch_size):
+        batch = task.items[start : start + batch_size]
+        prompts = [tokenizer.render_for_completion(item["messages"]) for item in batch]
+        check_room(task, start, max(len(p) for p in prompts), model.config.sequence_len)
+        idx = np.full((batch_size, bucket(max(len(p) for p in prompts))), tokenizer.get_bos_token_id(), np.int32)
+        for row, prompt in enumerate(prompts):
+            idx[row, : len(prompt)] = prompt
+        logits = np.asarray(forward(params, idx))
+        for row, (item, prompt) in enumerate(zip(batch, prompts, strict=True)):
+            scores = logits[row, len(prompt) - 1, [letter_ids[x] for x in item["letters"]]]
+            passed += item["letters"][int(np.argmax(scores))] == item["messages"][-1]["content"]
+        bar.update(len(batch))
+    bar.close()
+    return TaskResult(task.name, "categorical", passed, len(task.items), task.chance)
+
+
+def run_generative(engine, task: Task, *, num_samples=1, max_tokens=512, temperature=0.0, top_k=50, seed=0,
+                   progress: bool = True) -> TaskResult:  # fmt: skip
+    tokenizer = engine.tokenizer
+    passed = 0
+    bar = tqdm(task.items, desc=task.name, disable=not progress, leave=False)
+    for i, item in enumerate(bar):
+        prompt = tokenizer.render_for_completion(item["messages"])
+        room = check_room(task, i, len(prompt), engine.max_positions)
+        samples, _ = engine.generate_batch(prompt, num_samples, max_tokens=min(max_tokens, room),
+                                           temperature=temperature, top_k=top_k, seed=seed + i)  # fmt: skip
+        reference = final_text(item["messages"][-1]["content"])
+        passed += any(agrees(answer_text(tokenizer, s[len(prompt) :]), reference) for s in samples)
+        bar.set_postfix(passed=f"{passed}/{i + 1}")
+    return TaskResult(task.name, "generative", passed, len(task.items), task.chance)
+
+
+def check_room(task: Task, i: int, prompt_len: int, positions: int) -> int:
+    """The room left for an answer; an item that leaves none is named."""
+    if prompt_len >= positions:
+        raise UserError(f"task {task.name}, item {i + 1}: its prompt ({prompt_len} tokens) fills the model's "
+                        f"{positions} positions: leave it out or shorten it")  # fmt: skip
+    return positions - prompt_len
+
+
+def final_text(content) -> str:
+    """The reference's last text part: what the answer is compared with (tool calls come before it)."""
+    if isinstance(content, str):
+        return content
+    texts = [part["text"] for part in content if part["type"] == "text"]
+    return texts[-1] if texts else ""
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """A sample's text after its last tool call or output: its final answer."""
+    ends = {tokenizer.encode_special(f"<|{name}|>") for name in ("python_end", "output_end")}
+    last = max((i for i, t in enumerate(ids) if t in ends), default=-1)
+    return tokenizer.decode(ids[last + 1 :])
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def agrees(answer: str, reference: str) -> bool:
+    if expected := NUMBER.findall(reference):
+        got = NUMBER.findall(answer)
+        return bool(got) and _number(got[-1]) == _number(expected[-1])
+    return _words(answer) == _words(reference)
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _words(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def report_lines(step: int, source: str, results: list[TaskResult]) -> list[str]:
+    core = chat_core(results)
+    lines = [f"## Chat evaluation ({source} model, step {step})", "",
+             "| task | kind | passed | accuracy | chance | centered |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r.task} | {r.kind} | {r.passed}/{r.total} | {100 * r.accuracy:.2f}% | "
+                     f"{100 * r.chance:.0f}% | {r.centered:.4f} |")  # fmt: skip
+    lines += ["", f"ChatCORE over these {len(results)} task(s): {core:.4f}", ""]
+    return lines
+
+
+def chat_core(results: list[TaskResult]) -> float:
+    return float(np.mean([r.centered for r in results]))

@@ -1,0 +1,148 @@
+"""chat_eval: task files, answer checking, categorical scoring by letter logits (padding included),
+generative scoring by sampled answers, and scripts.chat_eval on a checkpoint trained here.
+
+Run: python -m pytest -q tests/test_chat_eval.py
+"""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TINY_RUN
+from flax import nnx
+
+from nanojax import chat_eval
+from nanojax.common import UserError
+from nanojax.engine import Engine
+from nanojax.model import GPT, GPTConfig
+from nanojax.pretrain import pretrain
+from nanojax.tokenizer import get_tokenizer
+from scripts import chat_eval as chat_eval_script
+from scripts import pretrain as pretrain_script
+
+LETTERS = ["A", "B", "C", "D"]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_base):
+    return get_tokenizer(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    return GPT(config, rngs=nnx.Rngs(0))
+
+
+def question(text, answer):
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize(
+    "answer,reference,ok",
+    [("The answer is 1,234.", "The answer is 1234.", True), ("It is 42. Or 41.", "#### 41", True),
+     ("The answer is 42.", "The answer is -42.", False), ("no number", "The answer is 3.", False),
+     ("Apple is  spelled a-p-p-l-e", "apple is spelled a-p-p-l-e.", True), ("a-p-l-e", "a-p-p-l-e", False)],
+)  # fmt: skip
+def test_an_answer_agrees_by_its_last_number_else_its_text(answer, reference, ok):
+    assert chat_eval.agrees(answer, reference) is ok
+
+
+def test_the_final_text_is_after_the_last_tool_call(tok):
+    s = tok.encode_special
+    ids = [s("<|python_start|>"), *tok.encode("2+2"), s("<|python_end|>"), s("<|output_start|>"), *tok.encode("4"),
+           s("<|output_end|>"), *tok.encode("The answer is 4.")]  # fmt: skip
+    assert chat_eval.answer_text(tok, ids) == "The answer is 4."
+    parts = [{"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"},
+             {"type": "text", "text": "The answer is 4."}]  # fmt: skip
+    assert chat_eval.final_text(parts) == "The answer is 4." and chat_eval.final_text("plain") == "plain"
+
+
+def test_task_files_are_checked_line_by_line(tmp_path):
+    good = {"messages": question("Pick one", "B"), "letters": LETTERS}
+    task = chat_eval.read_task("mc", write_jsonl(tmp_path / "mc.jsonl", [good, good]))
+    assert task.categorical and len(task.items) == 2 and task.chance == 0.25
+    cases = [
+        ([good, {"messages": question("x", "E"), "letters": LETTERS}], r"mc.jsonl:2: the answer 'E' is not one of"),
+        ([good, {"messages": question("x", "y")}], "mixes categorical items .* and generative ones"),
+        ([{"messages": question("x", "A"), "letters": ["A"]}], 'mc.jsonl:1: "letters" must list two or more'),
+        ([{"messages": [{"role": "user", "content": "x"}]}], "mc.jsonl:1: no assistant message"),
+        ([{"messages": [*question("x", "y"), {"role": "user", "content": "z"}]}], "mc.jsonl:1: the last message"),
+    ]
+    for records, match in cases:
+        with pytest.raises(UserError, match=match):
+            chat_eval.read_task("mc", write_jsonl(tmp_path / "mc.jsonl", records))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match="bad.jsonl:1: not JSON"):
+        chat_eval.read_task("mc", tmp_path / "bad.jsonl")
+    with pytest.raises(UserError, match="--task mc: no file"):
+        chat_eval.read_task("mc", tmp_path / "missing.jsonl")
+
+
+def test_categorical_items_are_scored_by_the_letter_logits_at_the_answer(tok, model):
+    """Prompts of different lengths share a padded batch: each is read at its own last position."""
+    texts = ["Pick one", "alpha beta gamma delta, which one?", "x", "a longer question " * 3, "the last"]
+    favourite = []
+    for text in texts:  # the model's own choice, from a forward of the prompt alone
+        prompt = tok.render_for_completion(question(text, "A"))
+        logits = np.asarray(model(np.array([prompt])))[0, -1]
+        favourite.append(LETTERS[int(np.argmax([logits[tok.encode(x)[0]] for x in LETTERS]))])
+    items = [{"messages": question(t, f), "letters": LETTERS} for t, f in zip(texts, favourite, strict=True)]
+    result = chat_eval.run_categorical(model, tok, chat_eval.Task("mc", items, True), batch_size=2, progress=False)
+    assert (result.passed, result.total, result.centered) == (5, 5, 1.0)
+    for item, f in zip(items, favourite, strict=True):
+        item["messages"][-1]["content"] = LETTERS[(LETTERS.index(f) + 1) % 4]
+    result = chat_eval.run_categorical(model, tok, chat_eval.Task("mc", items, True), batch_size=4, progress=False)
+    assert result.passed == 0 and result.centered == pytest.approx(-1 / 3)
+
+
+def test_generative_items_pass_when_a_sample_agrees(tok, model):
+    engine = Engine(model, tok)
+    texts = ["alpha", "beta gamma", "delta"]
+    answers = []
+    for text in texts:  # the model's greedy answer, as the reference
+        prompt = tok.render_for_completion(question(text, ""))
+        samples, _ = engine.generate_batch(prompt, 1, max_tokens=6, temperature=0.0)
+        answers.append(tok.decode(samples[0][len(prompt) :]))
+    items = [{"messages": question(t, a)} for t, a in zip(texts, answers, strict=True)]
+    items.append({"messages": question("epsilon", "zeta eta theta iota")})  # not what it says
+    task = chat_eval.Task("gen", items, False)
+    result = chat_eval.run_generative(engine, task, max_tokens=6, temperature=0.0, progress=False)
+    assert (result.passed, result.total, result.chance) == (3, 4, 0.0)
+
+
+def test_the_script_scores_builtin_and_file_tasks_and_appends_the_report(tiny_base, tmp_path, capsys):
+    for name in ("base_data", "tokenizer"):
+        shutil.copytree(tiny_base / name, tmp_path / name)
+    args = pretrain_script.parse_args([*TINY_RUN, "--num-iterations=1", f"--base-dir={tmp_path}"])
+    pretrain(args, tmp_path, ["a"])
+    mc = write_jsonl(
+        tmp_path / "mc.jsonl", [{"messages": question(f"q{i}", "C"), "letters": LETTERS} for i in range(3)]
+    )
+    chat_eval_script.main(["--source=base", f"--base-dir={tmp_path}", f"--task=MC={mc}", "-a", "MC|Spelling",
+                           "-x", "2", "-m", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"\| MC \| categorical \| [0-2]/2 \| .* \| 25% \|", out)  # -x 2: two of its three
+    assert re.search(r"\| Spelling \| generative \| [0-2]/2 \|", out) and "ChatCORE over these 2 task(s): " in out
+    report = (tmp_path / "base_checkpoints" / "d2" / "report.md").read_text()
+    assert "## Chat evaluation (base model, step 1)" in report
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["-a", "GSM8K"], "no task 'GSM8K': the built-in ones are Arithmetic, SpellingBee, Spelling; give yours with "
+      "--task GSM8K=FILE"),
+     (["--task", "Spelling=x.jsonl"], "--task Spelling: a built-in task has that name"),
+     (["--task", "A=x", "--task", "A=y"], "--task: each task name may be given once")],
+)  # fmt: skip
+def test_task_names_are_checked_before_anything_loads(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        chat_eval_script.main([f"--base-dir={tmp_path}", *argv])
+    assert message in capsys.readouterr().err
