@@ -15,7 +15,7 @@ import pytest
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import UserError
 from nanojax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, cap_documents, get_tokenizer
-from scripts import tok_train
+from scripts import tok_eval, tok_train
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +253,27 @@ def test_render_merges_leading_system_message(ref_tok):
 def test_render_rejects_malformed_conversations(ref_tok, messages, error):
     with pytest.raises(UserError, match=error):
         ref_tok.render_conversation({"messages": messages})
+
+
+def test_tok_eval_measures_each_kind_of_text_and_the_corpus(tiny_base, monkeypatch, capsys):
+    """A compared encoding is a tiktoken Encoding: ours, under another name, must count as ours does."""
+    ours = get_tokenizer(tiny_base)
+
+    def get_encoding(name):
+        if name == "offline":
+            raise ConnectionError("no network")
+        if name == "same":
+            return ours.enc
+        raise ValueError(name)
+
+    monkeypatch.setattr("tiktoken.get_encoding", get_encoding)
+    tok_eval.main([f"--base-dir={tiny_base}", "--compare", "same", "offline", "bogus", "--max-chars=5000"])
+    out = capsys.readouterr().out
+    table = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    rows = {cells[0]: cells[1:] for cells in table}
+    assert list(rows)[1:] == [*tok_eval.SAMPLES, "corpus train", "corpus val"]
+    assert rows["corpus train"][0] == "5,000"  # --max-chars of ASCII words
+    for cells in list(rows.values())[1:]:
+        assert cells[1:3] == cells[3:5]  # ours and "same": tokens, bytes/token
+    assert "note: offline left out: tiktoken could not load it (ConnectionError)" in out
+    assert "note: bogus is not a tiktoken encoding" in out
