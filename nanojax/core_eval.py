@@ -338,7 +338,7 @@ def greedy_samples(model: GPT, tokenizer, prompts, max_tokens: int = 16, chat: b
 
 def report_lines(step: int, bpb, core, results, samples, notes=(), source: str = "base") -> list[str]:
     """A markdown section: the summary, the per-task table, the samples."""
-    kind = "Chat" if source == "sft" else "Base"
+    kind = "Base" if source == "base" else "Chat"
     lines = [f"## {kind} model evaluation, step {step}", "", "| | |", "|---|---|"]
     if bpb is not None:
         lines.append(f"| val bpb | {bpb[0]:.4f} ({bpb[1]:,} tokens) |")

@@ -433,7 +433,7 @@ class Engine:
 
 # --- loading checkpoints --------------------------------------------------------------------------
 
-CHECKPOINT_SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints"}
+CHECKPOINT_SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
 
 def find_checkpoint_dir(base_dir, source: str = "base", model_tag: str | None = None) -> Path:
@@ -444,7 +444,8 @@ def find_checkpoint_dir(base_dir, source: str = "base", model_tag: str | None = 
     tags = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if model_tag is None:
         if not tags:
-            how = "train one with scripts.pretrain" if source == "base" else "finetune one with scripts.chat_sft"
+            how = {"base": "train one with scripts.pretrain", "sft": "finetune one with scripts.chat_sft",
+                   "rl": "train one with scripts.chat_rl"}[source]  # fmt: skip
             raise UserError(f"no checkpoints in {root}: {how} first (or pass another --base-dir)")
         return tags[-1]
     if not (root / model_tag).is_dir():

@@ -72,3 +72,26 @@ def plot_losses(path, train_loss, val, val_label=VAL_LABELS["bpb"]) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the legend above the axes
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_rl_report(folder, summary: dict, title: str) -> Path:
+    """chat_rl's report.md and reward.png: the mean reward per step and pass@1 at each evaluation."""
+    folder = Path(folder)
+    rewards, passk = summary["history"]["reward"], summary["history"]["pass@k"]
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    ax.plot(*zip(*rewards, strict=True), label="mean reward of the step's samples")
+    ax.plot([s for s, _ in passk], [p[0] for p in passk], "o-", label="held-out pass@1 (temperature 1)")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "reward.png", dpi=100)
+    plt.close(fig)
+    k = len(passk[0][1])  # there is always the evaluation at the end
+    table = ["| step | " + " | ".join(f"pass@{j}" for j in range(1, k + 1)) + " |", "|---" * (k + 1) + "|"]
+    table += [f"| {step} | " + " | ".join(f"{p:.4f}" for p in ps) + " |" for step, ps in passk]
+    lines = [f"# {title}", "", f"{summary['num_steps']} steps; held-out pass@k (temperature 1):", "", *table]
+    lines += ["", "## Command line", "", f"`{summary['user_config']}`", "", "![reward](reward.png)", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -22,7 +22,8 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
+    a("--source", choices=["base", "sft", "rl"], default="base", help="base_checkpoints, chatsft_checkpoints or "
+      "chatrl_checkpoints")  # fmt: skip
     a("--eval-tokens", "--split-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for "
       "bpb, in whole batches (at least one) of --device-batch-size rows; 0 skips it (--split-tokens: nanochat's "
       "base_loss name)")  # fmt: skip
@@ -67,7 +68,7 @@ def main(argv=None):
             bpb = core_eval.val_bpb(model, tokenizer, shards, args.eval_tokens, args.device_batch_size, crop)
             print(f"val bpb {bpb[0]:.4f} over {bpb[1]:,} tokens")
 
-    samples = core_eval.greedy_samples(model, tokenizer, core_eval.SAMPLE_PROMPTS, chat=args.source == "sft")
+    samples = core_eval.greedy_samples(model, tokenizer, core_eval.SAMPLE_PROMPTS, chat=args.source != "base")
 
     core, results = None, []
     if tasks is not None:

@@ -41,7 +41,8 @@ def task_file(text: str) -> tuple[str, str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("-i", "--source", choices=["sft", "base"], default="sft", help="chatsft_checkpoints or base_checkpoints")
+    a("-i", "--source", choices=["sft", "rl", "base"], default="sft", help="chatsft_checkpoints, chatrl_checkpoints "
+      "or base_checkpoints")  # fmt: skip
     a("-a", "--task-name", default=None, help="tasks to run, '|'-separated (default: the built-in ones and every "
       "--task)")  # fmt: skip
     a("--task", type=task_file, action="append", default=[], metavar="NAME=FILE", help="a task of your own (repeat)")

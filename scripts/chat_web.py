@@ -26,7 +26,8 @@ from nanojax.common import (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("-i", "--source", choices=["sft", "base"], default="sft", help="chatsft_checkpoints or base_checkpoints")
+    a("-i", "--source", choices=["sft", "rl", "base"], default="sft", help="chatsft_checkpoints, chatrl_checkpoints "
+      "or base_checkpoints")  # fmt: skip
     a("-g", "--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("-t", "--temperature", type=temperature, default=0.8, help="default sampling temperature; 0 is greedy")

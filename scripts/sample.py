@@ -21,7 +21,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--prompt", action="append", default=None, help=f"text to complete; repeatable (default {DEFAULT_PROMPTS})")
-    a("--source", choices=["base", "sft"], default="base", help="base_checkpoints or chatsft_checkpoints")
+    a("--source", choices=["base", "sft", "rl"], default="base", help="base_checkpoints, chatsft_checkpoints or "
+      "chatrl_checkpoints")  # fmt: skip
     a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
     a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("--temperature", type=temperature, default=0.6, help="sampling temperature; 0 is greedy")
@@ -43,7 +44,7 @@ def main(argv=None):
     gen = engine.Engine(model, tokenizer)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     for prompt in args.prompt or DEFAULT_PROMPTS:
-        ids = engine.prompt_ids(tokenizer, prompt, chat=args.source == "sft")
+        ids = engine.prompt_ids(tokenizer, prompt, chat=args.source != "base")
         print("-" * 80)
         if args.num_samples == 1:
             pieces = gen.stream(ids, **kwargs)
