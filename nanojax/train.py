@@ -557,8 +557,9 @@ def note_disk_space(folder: Path, state: TrainState, keep: int | None, log) -> N
 
 
 def is_run_file(path: Path) -> bool:
-    """What a run writes in its folder: step directories (and Orbax's temporaries of them), the report."""
-    return path.name.split(".", 1)[0].isdigit() or path.name in ("report.md", "loss.png")
+    """What a run writes in its folder: step directories (and Orbax's temporaries of them), the report and
+    its plot (chat_rl's is reward.png)."""
+    return path.name.split(".", 1)[0].isdigit() or path.name in ("report.md", "loss.png", "reward.png")
 
 
 def check_run_folder(folder: Path) -> None:

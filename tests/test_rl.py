@@ -22,7 +22,7 @@ from nanojax.optim import finetune_groups
 from nanojax.pretrain import pretrain
 from nanojax.sharding import make_mesh
 from nanojax.tokenizer import get_tokenizer
-from nanojax.train import OptimSettings, init_state
+from nanojax.train import OptimSettings, check_run_folder, init_state
 from scripts import chat_eval as chat_eval_script
 from scripts import chat_rl
 from scripts import pretrain as pretrain_script
@@ -99,5 +99,6 @@ def test_the_script_trains_saves_and_chat_eval_reads_the_result(tiny_base, tmp_p
     folder = tmp_path / "chatrl_checkpoints" / "d2"
     assert Checkpoints(folder).steps() == [2] and (folder / "reward.png").is_file()
     assert "| step | pass@1 |" in (folder / "report.md").read_text()
+    check_run_folder(folder)  # all of it a run's: a second run moves it aside
     chat_eval_script.main(["--source=rl", f"--base-dir={tmp_path}", "-a", "Arithmetic", "-x", "2", "-m", "4"])
     assert "## Chat evaluation (rl model, step 2)" in capsys.readouterr().out
