@@ -80,7 +80,7 @@ def write_rl_report(folder, summary: dict, title: str) -> Path:
     rewards, passk = summary["history"]["reward"], summary["history"]["pass@k"]
     fig, ax = plt.subplots(figsize=(7, 4.3))
     ax.plot(*zip(*rewards, strict=True), label="mean reward of the step's samples")
-    ax.plot([s for s, _ in passk], [p[0] for p in passk], "o-", label="held-out pass@1 (temperature 1)")
+    ax.plot([step for step, _ in passk], [ps[0] for _, ps in passk], "o-", label="held-out pass@1 (temperature 1)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
     ax.legend()

@@ -213,9 +213,10 @@ def reinforce(config: GPTConfig, base_params, tokenizer, train_task: Task, val_t
                 log(f"step {step + 1:05d}/{num_steps:05d} | reward {reward:.4f} | loss {loss:+.6f} | sampled tokens "
                     f"{length:.1f} | dt {dt:.1f}s | elapsed {fmt_time(elapsed)} | eta {eta}")  # fmt: skip
                 last = step + 1 == num_steps
+                if last:  # whatever --eval-every, and before the save, whose metadata keeps the history
+                    evaluate(num_steps)
                 if last or (s.save_every > 0 and (step + 1) % s.save_every == 0):
                     save(step + 1)
-            evaluate(num_steps)
         except KeyboardInterrupt:
             where = f"steps {', '.join(map(str, saved))} are saved in {folder}" if saved else "no checkpoint was saved"
             raise Interrupted(f"interrupted: {where}") from None

@@ -98,7 +98,9 @@ def test_the_script_trains_saves_and_chat_eval_reads_the_result(tiny_base, tmp_p
     assert re.findall(r"step (\d+) \| pass@1 ", out) == ["00002"]  # --eval-every -1: at the end only
     folder = tmp_path / "chatrl_checkpoints" / "d2"
     assert Checkpoints(folder).steps() == [2] and (folder / "reward.png").is_file()
-    assert "| step | pass@1 |" in (folder / "report.md").read_text()
+    assert "| step | pass@1 |\n|---|---|\n| 2 | " in (folder / "report.md").read_text()
+    history = Checkpoints(folder).read_metadata()["loop_state"]["history"]
+    assert [step for step, _ in history["pass@k"]] == [2] and [step for step, _ in history["reward"]] == [1, 2]
     check_run_folder(folder)  # all of it a run's: a second run moves it aside
     chat_eval_script.main(["--source=rl", f"--base-dir={tmp_path}", "-a", "Arithmetic", "-x", "2", "-m", "4"])
     assert "## Chat evaluation (rl model, step 2)" in capsys.readouterr().out
