@@ -164,12 +164,17 @@ def file_lock(path: Path, busy, *, shared: bool = False):
 
 def cli(main):
     """Wrap a script's main so that a UserError, a file system error (a --base-dir that can't be created,
-    a full disk), running out of device memory and Ctrl-C each exit with one line."""
+    a full disk), running out of device memory and Ctrl-C each exit with one line; stdout goes out a
+    line at a time, even into a pipe."""
 
     @wraps(main)
     def run(*args, **kwargs):
         # A warning (an incomplete checkpoint skipped, say) is one line too, not Python's with its source line.
         warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+        # A log piped to tee or a file would otherwise come in 8 KB bursts: progress shows line by line.
+        # (A notebook's stdout, which has no reconfigure, writes each print already.)
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(line_buffering=True)
         previous_hook = sys.unraisablehook
         sys.unraisablehook = lambda unraisable: _rethrow_interrupt(unraisable, previous_hook)
         try:

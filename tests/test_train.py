@@ -371,6 +371,28 @@ def test_ctrl_c_in_code_whose_exceptions_python_ignores_is_not_lost():
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
 
 
+def test_a_piped_log_comes_line_by_line():
+    """Not in blocks of 8 KB at the end: a run piped to tee shows its progress as it goes."""
+    program = """if True:
+        import time
+        from nanojax.common import cli
+
+        @cli
+        def main():
+            print("step 1")
+            time.sleep(30)
+
+        main()
+    """
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "step 1\n"  # while the program still runs
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_out_of_memory_is_one_line(capsys):
     @cli
     def main():
