@@ -117,6 +117,9 @@ def pass_at_k(engine: Engine, task: Task, k: int, max_tokens: int, top_k, seed: 
     return (hits / len(task.items)).tolist()
 
 
+EVAL_SEED = 10**6  # every evaluation draws with the same seeds, so their pass@k compare
+
+
 @dataclass
 class RLSettings:
     examples_per_step: int = 16
@@ -165,13 +168,12 @@ def reinforce(config: GPTConfig, base_params, tokenizer, train_task: Task, val_t
         f"{s.examples_per_step} items x {s.num_samples} samples, in passes of {rows}")  # fmt: skip
     history = {"reward": [], "pass@k": []}
     folder = Path(checkpoint_dir)
-    check_run_folder(folder)  # a folder that is not a run's is refused now, not at the first save
     ckpts, saved, t_start = None, [], time.perf_counter()
     sample_settings = dict(max_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k)
     order = np.random.default_rng(s.seed).permutation(len(train_task.items))
 
     def evaluate(step):
-        passk = pass_at_k(engine_now(), val_task, s.device_batch_size, s.max_new_tokens, s.top_k, seed=10**6)
+        passk = pass_at_k(engine_now(), val_task, s.device_batch_size, s.max_new_tokens, s.top_k, EVAL_SEED)
         history["pass@k"].append((step, passk))
         log(f"step {step:05d} | " + ", ".join(f"pass@{k + 1} {p:.4f}" for k, p in enumerate(passk)))
 
@@ -188,6 +190,7 @@ def reinforce(config: GPTConfig, base_params, tokenizer, train_task: Task, val_t
         log(f"step {step:05d} | checkpoint {ckpts.step_dir(step)}")
 
     with claimed(folder):
+        check_run_folder(folder)  # a folder that is not a run's is refused now, not at the first save
         try:
             for step in range(num_steps):
                 if s.eval_every > 0 and step % s.eval_every == 0:
