@@ -111,9 +111,10 @@ def run_categorical(model, tokenizer, task: Task, batch_size: int, progress: boo
     for start in range(0, len(task.items), batch_size):
         batch = task.items[start : start + batch_size]
         prompts = [tokenizer.render_for_completion(item["messages"]) for item in batch]
-        check_room(task, start, max(len(p) for p in prompts), model.config.sequence_len)
+        # A full batch of bucketed length however many items are left: one compilation per bucket.
         idx = np.full((batch_size, bucket(max(len(p) for p in prompts))), tokenizer.get_bos_token_id(), np.int32)
         for row, prompt in enumerate(prompts):
+            check_room(task, start + row, len(prompt), model.config.sequence_len)
             idx[row, : len(prompt)] = prompt
         logits = np.asarray(forward(params, idx))
         for row, (item, prompt) in enumerate(zip(batch, prompts, strict=True)):
