@@ -15,8 +15,6 @@ benchmark (benchmarks.data_throughput).
 
 import argparse
 import itertools
-import statistics
-import time
 from functools import partial
 
 import jax
@@ -25,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import machine
+from benchmarks import SEED_HYPERPARAMS, add_shape_flags, comma_list, machine, timed
 from nanojax.common import (
     ATTENTION_IMPLEMENTATIONS,
     HelpFormatter,
@@ -51,16 +49,6 @@ from nanojax.train import (
 )
 
 
-def comma_list(kind):
-    """A repeatable flag that also takes comma lists: `--dtype float32,bfloat16`."""
-
-    def parse(text: str) -> list:
-        return [kind(x) for x in text.split(",")]
-
-    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names it in "invalid ... value"
-    return parse
-
-
 def one_of(*names: str):
     """A comma-list item type that must be one of `names`."""
 
@@ -72,22 +60,20 @@ def one_of(*names: str):
     return check
 
 
-def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of `steps` calls after `warmup` more). fn waits for its result."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+def seed_setup(args) -> tuple:
+    """(config, optimizer settings) of the shape flags (benchmarks.add_shape_flags), with the seed run's
+    hyper-parameters; a long schedule keeps the lr multiplier at 1 over the timed steps."""
+    config = config_from_depth(
+        args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+        vocab_size=args.vocab_size, window_pattern=args.window_pattern,
+    )  # fmt: skip
+    groups = scaled_groups(config.n_embd, args.depth, args.total_batch_size, **SEED_HYPERPARAMS)
+    # As pretraining chooses: Polar Express in float32 on CPU, bfloat16 on accelerators.
+    return config, OptimSettings(groups, Schedule(10_000), orth_dtype=platform_dtypes()[1])
 
 
-def time_train_step(state, mesh, x_ABT, y_ABT, steps, warmup, compiler_options=None) -> tuple[float, float]:
+def train_step_fn(state, mesh, x_ABT, y_ABT, compiler_options=None):
+    """One train step on (x, y) as a call that waits for it; the donated params and optimizer state carry over."""
     step = make_train_step(state, mesh, compiler_options)
     carry = [state.params, state.opt_state]  # donated by every step: only the latest ones stay alive
 
@@ -95,7 +81,11 @@ def time_train_step(state, mesh, x_ABT, y_ABT, steps, warmup, compiler_options=N
         carry[0], carry[1], losses = step(carry[0], carry[1], x_ABT, y_ABT)
         losses.block_until_ready()
 
-    return timed(one_step, steps, warmup)
+    return one_step
+
+
+def time_train_step(state, mesh, x_ABT, y_ABT, steps, warmup, compiler_options=None) -> tuple[float, float]:
+    return timed(train_step_fn(state, mesh, x_ABT, y_ABT, compiler_options), steps, warmup)
 
 
 def time_parts(state, x_BT, y_BT, steps, warmup) -> tuple[float, float]:
@@ -122,16 +112,7 @@ def time_parts(state, x_BT, y_BT, steps, warmup) -> tuple[float, float]:
 @cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--depth", type=positive_int, default=4, help="transformer layers")
-    parser.add_argument("--aspect-ratio", type=positive_int, default=32, help="model_dim = depth x aspect ratio")
-    parser.add_argument("--head-dim", type=positive_int, default=64, help="attention head width")
-    parser.add_argument("--max-seq-len", type=positive_int, default=512, help="tokens per row (T)")
-    parser.add_argument("--vocab-size", type=positive_int, default=8192, help="vocabulary size")
-    parser.add_argument("--window-pattern", default="L", help="sliding windows per layer, e.g. SSSL")
-    parser.add_argument("--device-batch-size", type=comma_list(positive_int), action="extend",
-                        help="rows per device per micro-step; repeatable or a comma list (default: 1,8)")  # fmt: skip
-    parser.add_argument("--total-batch-size", type=positive_int, default=4096,
-                        help="tokens per optimizer step; the rest is gradient accumulation")  # fmt: skip
+    add_shape_flags(parser)
     parser.add_argument("--dtype", type=comma_list(one_of("float32", "bfloat16")), action="extend",
                         help="compute dtype: float32 and/or bfloat16; repeatable (default: float32)")  # fmt: skip
     parser.add_argument("--attention", type=comma_list(one_of("auto", *ATTENTION_IMPLEMENTATIONS)), action="extend",
@@ -146,21 +127,11 @@ def main():
     batch_sizes, dtypes = args.device_batch_size or [1, 8], args.dtype or ["float32"]
     attentions = args.attention or ["auto"]
 
-    config = config_from_depth(
-        args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
-        vocab_size=args.vocab_size, window_pattern=args.window_pattern,
-    )  # fmt: skip
+    config, optim = seed_setup(args)
     model = abstract_model(config)
     mesh = make_mesh()
     T, dp = config.sequence_len, mesh.size
     on_cpu = jax.devices()[0].platform == "cpu"
-    # The seed run's hyper-parameters; a long schedule keeps the lr multiplier at 1 over the timed steps.
-    groups = scaled_groups(
-        config.n_embd, args.depth, args.total_batch_size, embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02,
-        scalar_lr=0.5, weight_decay=0.1, adam_betas=(0.8, 0.95),
-    )  # fmt: skip
-    # As pretraining chooses: Polar Express in float32 on CPU, bfloat16 on accelerators.
-    optim = OptimSettings(groups, Schedule(10_000), orth_dtype=platform_dtypes()[1])
     flops_per_token, peak = model.flops_per_token(), device_peak_flops()
     rng = np.random.default_rng(0)
 
