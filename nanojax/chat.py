@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanojax.common import UserError, changed
+from nanojax.common import CHAT_TASKS, UserError, changed
 from nanojax.engine import calculate
 
 ROLES = ("user", "assistant", "system")
@@ -379,7 +379,7 @@ def generate_conversations(n: int, seed: int = 0) -> list[list[dict]]:
 
 # The generator's kinds that have a checkable answer, as chat_eval's built-in tasks (nanochat's
 # SpellingBee, too, asks to count a letter in a word).
-TASK_KINDS = {"Arithmetic": _arithmetic, "SpellingBee": _counting, "Spelling": _spelling}
+TASK_KINDS = dict(zip(CHAT_TASKS, (_arithmetic, _counting, _spelling), strict=True))
 
 
 def generate_task(name: str, n: int, seed: int) -> list[list[dict]]:

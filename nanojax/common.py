@@ -14,6 +14,10 @@ from pathlib import Path
 
 # Self-attention implementations (GPT's attention): ours, and jax.nn.dot_product_attention's two.
 ATTENTION_IMPLEMENTATIONS = ("nanojax", "xla", "cudnn")
+# Where each stage saves its models under the base dir (nanochat's folder names).
+CHECKPOINT_SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+# The built-in chat tasks (chat.TASK_KINDS generates them), named here for the scripts' flags, before jax loads.
+CHAT_TASKS = ("Arithmetic", "SpellingBee", "Spelling")
 
 
 class UserError(Exception):
@@ -120,6 +124,15 @@ def model_tag(text: str) -> str:
     if text in ("", ".", "..") or "/" in text or os.sep in text:
         raise argparse.ArgumentTypeError(f"must be a folder name (no '/', not '.' or '..'), got {text!r}")
     return text
+
+
+def add_checkpoint_flags(parser, default_source: str) -> None:
+    """Which checkpoint a script reads: -i/--source, -g/--model-tag, -s/--step (nanochat's names)."""
+    a = parser.add_argument
+    folders = ", ".join(f"{source}: {folder}" for source, folder in CHECKPOINT_SOURCES.items())
+    a("-i", "--source", choices=list(CHECKPOINT_SOURCES), default=default_source, help=f"the model's stage ({folders})")
+    a("-g", "--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
+    a("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
 
 
 def temperature(text: str) -> float:

@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import UserError
-from nanojax.engine import CHECKPOINT_SOURCES, load_model
+from nanojax.common import CHECKPOINT_SOURCES, UserError
+from nanojax.engine import load_model
 from nanojax.model import GPTConfig, param_paths
 from nanojax.tokenizer import META_FILE as TOKENIZER_META_FILE
 from nanojax.tokenizer import Tokenizer, tokenizer_dir

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import UserError
+from nanojax.common import CHECKPOINT_SOURCES, UserError
 from nanojax.model import GPT, ROTARY_OVERSIZE, GPTConfig, attention_mask, rms_norm, rotary_tables
 from nanojax.tokenizer import get_tokenizer
 from nanojax.train import abstract_model, check_tokenizer
@@ -432,8 +432,6 @@ class Engine:
 
 
 # --- loading checkpoints --------------------------------------------------------------------------
-
-CHECKPOINT_SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
 
 def find_checkpoint_dir(base_dir, source: str = "base", model_tag: str | None = None) -> Path:

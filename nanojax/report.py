@@ -53,6 +53,16 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
     return path
 
 
+def append_report(folder, lines: list[str]) -> Path:
+    """An evaluation's lines, printed and appended to the model's report.md (base_eval, chat_eval)."""
+    print("\n".join(lines))
+    path = Path(folder) / "report.md"
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n" + "\n".join(lines))
+    print(f"appended to {path}")
+    return path
+
+
 VAL_LABELS = {"bpb": "val bits per byte", "loss": "val loss (assistant tokens, nats)"}
 
 

@@ -14,16 +14,21 @@ to <checkpoint dir>/report.md.
 import argparse
 from pathlib import Path
 
-from nanojax.common import HelpFormatter, UserError, cli, get_base_dir, model_tag, nonnegative_int, positive_int
+from nanojax.common import (
+    HelpFormatter,
+    UserError,
+    add_checkpoint_flags,
+    cli,
+    get_base_dir,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
-    a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    a("--source", choices=["base", "sft", "rl"], default="base", help="base_checkpoints, chatsft_checkpoints or "
-      "chatrl_checkpoints")  # fmt: skip
+    add_checkpoint_flags(p, "base")
     a("--eval-tokens", "--split-tokens", type=nonnegative_int, default=20 * 524288, help="validation tokens for "
       "bpb, in whole batches (at least one) of --device-batch-size rows; 0 skips it (--split-tokens: nanochat's "
       "base_loss name)")  # fmt: skip
@@ -44,6 +49,7 @@ def main(argv=None):
     import jax.numpy as jnp  # after --help
 
     from nanojax import core_eval, dataset, engine, train
+    from nanojax.report import append_report
 
     base_dir = get_base_dir(args.base_dir)
     dtype = train.platform_dtypes(args.dtype)[0]
@@ -76,12 +82,7 @@ def main(argv=None):
     else:
         notes.append(f"CORE skipped: no task bundle at {bundle} (pass --core-bundle)")
 
-    lines = core_eval.report_lines(meta["step"], bpb, core, results, samples, notes, args.source)
-    print("\n".join(lines))
-    report = checkpoint_dir / "report.md"
-    with report.open("a", encoding="utf-8") as f:
-        f.write("\n" + "\n".join(lines))
-    print(f"appended to {report}")
+    append_report(checkpoint_dir, core_eval.report_lines(meta["step"], bpb, core, results, samples, notes, args.source))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import argparse
 from nanojax.common import (
     HelpFormatter,
     UserError,
+    add_checkpoint_flags,
     cli,
     get_base_dir,
-    model_tag,
     nonnegative_int,
     positive_int,
     temperature,
@@ -32,10 +32,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("-p", "--prompt", default=None, help="answer this one message and exit (no interactive session)")
-    a("-i", "--source", choices=["sft", "rl", "base"], default="sft", help="chatsft_checkpoints, chatrl_checkpoints "
-      "or base_checkpoints")  # fmt: skip
-    a("-g", "--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
-    a("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_checkpoint_flags(p, "sft")
     a("-t", "--temperature", type=temperature, default=0.6, help="sampling temperature; 0 is greedy")
     a("-k", "--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens; 0 for all")
     a("--max-tokens", type=positive_int, default=256, help="at most this many tokens per answer")

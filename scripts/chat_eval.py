@@ -17,17 +17,16 @@ nanochat's task items, exported to JSONL, read as they are. The results are prin
 import argparse
 
 from nanojax.common import (
+    CHAT_TASKS,
     HelpFormatter,
     UserError,
+    add_checkpoint_flags,
     cli,
     get_base_dir,
-    model_tag,
     nonnegative_int,
     positive_int,
     temperature,
 )
-
-BUILTIN = ("Arithmetic", "SpellingBee", "Spelling")
 
 
 def task_file(text: str) -> tuple[str, str]:
@@ -41,13 +40,10 @@ def task_file(text: str) -> tuple[str, str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("-i", "--source", choices=["sft", "rl", "base"], default="sft", help="chatsft_checkpoints, chatrl_checkpoints "
-      "or base_checkpoints")  # fmt: skip
+    add_checkpoint_flags(p, "sft")
     a("-a", "--task-name", default=None, help="tasks to run, '|'-separated (default: the built-in ones and every "
       "--task)")  # fmt: skip
     a("--task", type=task_file, action="append", default=[], metavar="NAME=FILE", help="a task of your own (repeat)")
-    a("-g", "--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
-    a("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a("-x", "--max-problems", type=positive_int, default=None, help="at most this many items per task (the "
       "built-in tasks: 100 unless given)")  # fmt: skip
     a("-b", "--batch-size", type=positive_int, default=8, help="items per forward pass (categorical tasks)")
@@ -67,17 +63,18 @@ def main(argv=None):
     files = dict(args.task)
     if len(files) < len(args.task):
         raise UserError("--task: each task name may be given once")
-    if clash := sorted(set(files) & set(BUILTIN)):
+    if clash := sorted(set(files) & set(CHAT_TASKS)):
         raise UserError(f"--task {clash[0]}: a built-in task has that name; call yours another")
-    names = args.task_name.split("|") if args.task_name else [*BUILTIN, *files]
-    if unknown := [n for n in names if n not in BUILTIN and n not in files]:
-        raise UserError(f"no task {unknown[0]!r}: the built-in ones are {', '.join(BUILTIN)}; give yours with "
+    names = args.task_name.split("|") if args.task_name else [*CHAT_TASKS, *files]
+    if unknown := [n for n in names if n not in CHAT_TASKS and n not in files]:
+        raise UserError(f"no task {unknown[0]!r}: the built-in ones are {', '.join(CHAT_TASKS)}; give yours with "
                         f"--task {unknown[0]}=FILE")  # fmt: skip
     from nanojax import chat_eval, engine  # imports jax: after --help and the checks above
+    from nanojax.report import append_report
 
     # Every file is read and checked before the model is loaded and the first task runs.
     count = args.max_problems or 100
-    tasks = [chat_eval.builtin_task(n, count, args.seed) if n in BUILTIN else chat_eval.read_task(n, files[n])
+    tasks = [chat_eval.builtin_task(n, count, args.seed) if n in CHAT_TASKS else chat_eval.read_task(n, files[n])
              for n in names]  # fmt: skip
     base_dir = get_base_dir(args.base_dir)
     model, tokenizer, meta, checkpoint_dir = engine.load_for_inference(base_dir, args.source, args.model_tag,
@@ -94,12 +91,7 @@ def main(argv=None):
             result = chat_eval.run_generative(gen, task, **sampling)
         print(f"{task.name}: {result.passed}/{result.total} ({100 * result.accuracy:.2f}%)", flush=True)
         results.append(result)
-    lines = chat_eval.report_lines(meta["step"], args.source, results)
-    print("\n".join(lines))
-    report = checkpoint_dir / "report.md"
-    with report.open("a", encoding="utf-8") as f:
-        f.write("\n" + "\n".join(lines))
-    print(f"appended to {report}")
+    append_report(checkpoint_dir, chat_eval.report_lines(meta["step"], args.source, results))
 
 
 if __name__ == "__main__":

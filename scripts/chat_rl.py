@@ -17,6 +17,7 @@ Then: python -m scripts.chat_eval --source rl.
 import argparse
 
 from nanojax.common import (
+    CHAT_TASKS,
     HelpFormatter,
     UserError,
     cli,
@@ -28,7 +29,6 @@ from nanojax.common import (
     temperature,
 )
 
-BUILTIN = ("Arithmetic", "SpellingBee", "Spelling")
 EVAL_SEED = 1  # chat_eval's default: RL's held-out questions are the ones chat_eval scores
 
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
       "base_checkpoints")  # fmt: skip
     a("--model-tag", type=model_tag, default=None, help="checkpoint folder, also the RL one (default: the latest)")
     a("--model-step", "--step", type=int, default=None, help="checkpoint step to start from (default: the latest)")
-    a("--task", choices=BUILTIN, default="SpellingBee", help="built-in task (unless --data)")
+    a("--task", choices=CHAT_TASKS, default="SpellingBee", help="built-in task (unless --data)")
     a("--num-examples", type=positive_int, default=1600, help="built-in task: training questions")
     a("--data", default=None, help="JSONL of your training questions (conversations ending in the reference answer)")
     a("--val-data", default=None, help="JSONL of your held-out questions (with --data)")

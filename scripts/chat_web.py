@@ -14,9 +14,9 @@ import argparse
 
 from nanojax.common import (
     HelpFormatter,
+    add_checkpoint_flags,
     cli,
     get_base_dir,
-    model_tag,
     nonnegative_int,
     positive_int,
     temperature,
@@ -26,10 +26,7 @@ from nanojax.common import (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("-i", "--source", choices=["sft", "rl", "base"], default="sft", help="chatsft_checkpoints, chatrl_checkpoints "
-      "or base_checkpoints")  # fmt: skip
-    a("-g", "--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
-    a("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_checkpoint_flags(p, "sft")
     a("-t", "--temperature", type=temperature, default=0.8, help="default sampling temperature; 0 is greedy")
     a("-k", "--top-k", type=nonnegative_int, default=50, help="default top-k; 0 for all tokens")
     a("-m", "--max-tokens", type=positive_int, default=512, help="default limit on an answer's tokens")

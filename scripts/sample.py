@@ -12,7 +12,15 @@ continue the prompt after <|bos|>; with --source sft the prompt is a user messag
 
 import argparse
 
-from nanojax.common import HelpFormatter, cli, get_base_dir, model_tag, nonnegative_int, positive_int, temperature
+from nanojax.common import (
+    HelpFormatter,
+    add_checkpoint_flags,
+    cli,
+    get_base_dir,
+    nonnegative_int,
+    positive_int,
+    temperature,
+)
 
 DEFAULT_PROMPTS = ["The capital of France is", "def main("]
 
@@ -21,10 +29,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--prompt", action="append", default=None, help=f"text to complete; repeatable (default {DEFAULT_PROMPTS})")
-    a("--source", choices=["base", "sft", "rl"], default="base", help="base_checkpoints, chatsft_checkpoints or "
-      "chatrl_checkpoints")  # fmt: skip
-    a("--model-tag", type=model_tag, default=None, help="checkpoint folder (default: the most recently written)")
-    a("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_checkpoint_flags(p, "base")
     a("--temperature", type=temperature, default=0.6, help="sampling temperature; 0 is greedy")
     a("--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens; 0 for all")
     a("--max-tokens", type=positive_int, default=128, help="tokens to generate per sample")
