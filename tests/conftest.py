@@ -1,9 +1,15 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and the reference vectors."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported), Ctrl-C as a terminal delivers it,
+and the reference vectors."""
 
 import os
+import signal
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# A suite started from a background shell (`cmd &`, nohup) inherits SIGINT ignored, and so would the
+# programs its tests start: the Ctrl-C tests need Python's handler, which the children then get too.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from pathlib import Path  # noqa: E402
 
