@@ -107,7 +107,8 @@ def run_categorical(model, tokenizer, task: Task, batch_size: int, progress: boo
                                 "tokenizer, not one: use single-token letters (A, B, C, D)")  # fmt: skip
             letter_ids[letter] = ids[0]
     passed = 0
-    bar = tqdm(total=len(task.items), desc=task.name, disable=not progress, leave=False)
+    # disable=None: no bar when stderr is not a terminal, where every redraw would pile up in the log
+    bar = tqdm(total=len(task.items), desc=task.name, disable=None if progress else True, leave=False)
     for start in range(0, len(task.items), batch_size):
         batch = task.items[start : start + batch_size]
         prompts = [tokenizer.render_for_completion(item["messages"]) for item in batch]
@@ -129,7 +130,7 @@ def run_generative(engine, task: Task, *, num_samples=1, max_tokens=512, tempera
                    progress: bool = True) -> TaskResult:  # fmt: skip
     tokenizer = engine.tokenizer
     passed = 0
-    bar = tqdm(task.items, desc=task.name, disable=not progress, leave=False)
+    bar = tqdm(task.items, desc=task.name, disable=None if progress else True, leave=False)
     for i, item in enumerate(bar):
         prompt = tokenizer.render_for_completion(item["messages"])
         room = check_room(task, i, len(prompt), engine.max_positions)
