@@ -28,7 +28,7 @@ from nanojax.common import Interrupted, UserError
 from nanojax.engine import Engine, bucket
 from nanojax.model import GPTConfig
 from nanojax.optim import Schedule
-from nanojax.sharding import batch_sharding, global_batch, make_mesh, replicated
+from nanojax.sharding import batch_sharding, global_batch, make_mesh, multi_process_env, replicated
 from nanojax.train import OptimSettings, check_run_folder, claimed, fmt_time, init_state, set_aside_previous_run
 
 
@@ -141,8 +141,9 @@ def reinforce(config: GPTConfig, base_params, tokenizer, train_task: Task, val_t
     every save_every steps and at the end. Returns a summary."""
     s = settings
     mesh = make_mesh()
-    if jax.process_count() > 1:
-        raise UserError("chat_rl runs in one process (on all its devices): start it without JAX_NUM_PROCESSES")
+    if multi_process_env():  # each process would train alone, all saving into one folder
+        raise UserError("chat_rl runs in one process (on all its devices): start it without JAX_NUM_PROCESSES and "
+                        "JAX_COORDINATOR_ADDRESS")  # fmt: skip
     rows = s.device_batch_size * mesh.size  # a pass's samples, split over the devices
     if (s.examples_per_step * s.num_samples) % rows:
         total = s.examples_per_step * s.num_samples

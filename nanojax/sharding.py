@@ -20,10 +20,15 @@ from nanojax.common import UserError
 DATA = "data"
 
 
+def multi_process_env() -> bool:
+    """Whether the environment describes a multi-process run (jax.distributed's variables)."""
+    return int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
 def initialize_distributed(flags: dict | None = None) -> None:
     """Join a multi-process run when the environment describes one (a no-op for a single process), then
     check that every process was started with the same flags (all but --base-dir, which is per host)."""
-    if not (int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    if not multi_process_env():
         return
     address, count = os.environ.get("JAX_COORDINATOR_ADDRESS"), os.environ.get("JAX_NUM_PROCESSES", "?")
     print(f"joining a run of {count} processes through {address} as process {os.environ.get('JAX_PROCESS_ID', '?')}"

@@ -16,6 +16,7 @@ from flax import nnx
 from nanojax import rl
 from nanojax.chat_eval import Task
 from nanojax.checkpoint import Checkpoints
+from nanojax.common import UserError
 from nanojax.engine import Engine
 from nanojax.model import GPT, GPTConfig
 from nanojax.optim import finetune_groups
@@ -104,3 +105,10 @@ def test_the_script_trains_saves_and_chat_eval_reads_the_result(tiny_base, tmp_p
     check_run_folder(folder)  # all of it a run's: a second run moves it aside
     chat_eval_script.main(["--source=rl", f"--base-dir={tmp_path}", "-a", "Arithmetic", "-x", "2", "-m", "4"])
     assert "## Chat evaluation (rl model, step 2)" in capsys.readouterr().out
+
+
+def test_a_multi_process_environment_is_refused(monkeypatch):
+    """Each process would train a model of its own, all saving into one folder."""
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(UserError, match="chat_rl runs in one process .*without JAX_NUM_PROCESSES"):
+        rl.reinforce(None, None, None, None, None, {}, rl.RLSettings(), "/nonexistent", {})
