@@ -16,7 +16,7 @@ from flax import nnx
 from nanojax import rl
 from nanojax.chat_eval import Task
 from nanojax.checkpoint import Checkpoints
-from nanojax.common import UserError
+from nanojax.common import Interrupted, UserError
 from nanojax.engine import Engine
 from nanojax.model import GPT, GPTConfig
 from nanojax.optim import finetune_groups
@@ -112,3 +112,23 @@ def test_a_multi_process_environment_is_refused(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(UserError, match="chat_rl runs in one process .*without JAX_NUM_PROCESSES"):
         rl.reinforce(None, None, None, None, None, {}, rl.RLSettings(), "/nonexistent", {})
+
+
+def test_ctrl_c_keeps_the_checkpoints_saved_and_names_them(tok, config, tmp_path, monkeypatch):
+    groups = finetune_groups(config.n_embd, 0.05, weight_decay=0.0, adam_betas=(0.8, 0.95), embedding_lr=0.2,
+                             unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5)  # fmt: skip
+    task = task_of(*[(f"q{i}", "1") for i in range(4)])
+    real, calls = rl.rollout, []
+
+    def rollout(*args, **kwargs):  # Ctrl-C while sampling step 3's answers
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "rollout", rollout)
+    settings = rl.RLSettings(examples_per_step=1, num_samples=8, device_batch_size=1, max_new_tokens=3,
+                             eval_every=-1, save_every=1)  # fmt: skip
+    with pytest.raises(Interrupted, match=f"interrupted: steps 1, 2 are saved in {tmp_path / 'rl'}"):
+        rl.reinforce(config, None, tok, task, task, groups, settings, tmp_path / "rl", {})
+    assert Checkpoints(tmp_path / "rl").steps() == [1, 2]
