@@ -63,11 +63,13 @@ def builtin_task(name: str, n: int, seed: int) -> Task:
     return Task(name, [{"messages": m} for m in chat.generate_task(name, n, seed)], categorical=False)
 
 
-def read_task(name: str, path) -> Task:
-    """A task from a JSONL file; every line is checked, and the first bad one is named."""
+def read_task(name: str, path, flag: str | None = None) -> Task:
+    """A task from a JSONL file; every line is checked, and the first bad one is named. Errors name the
+    flag that gave the file (default --task NAME)."""
+    flag = flag or f"--task {name}"
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"--task {name}: no file {path}")
+        raise UserError(f"{flag}: no file {path}")
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -88,10 +90,10 @@ def read_task(name: str, path) -> Task:
                 raise UserError(f"{where}: the answer {messages[-1]['content']!r} is not one of the letters {letters}")
         items.append({"messages": messages, "letters": letters})
     if not items:
-        raise UserError(f"--task {name}: {path} holds no conversations")
+        raise UserError(f"{flag}: {path} holds no conversations")
     kinds = {item["letters"] is not None for item in items}
     if len(kinds) > 1:
-        raise UserError(f"--task {name}: {path} mixes categorical items (with letters) and generative ones")
+        raise UserError(f"{flag}: {path} mixes categorical items (with letters) and generative ones")
     return Task(name, items, categorical=kinds.pop())
 
 

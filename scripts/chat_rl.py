@@ -69,7 +69,8 @@ def tasks(args, chat_eval):
     if bool(args.data) != bool(args.val_data):
         raise UserError("--data and --val-data go together: your training and held-out questions")
     if args.data:
-        train, val = chat_eval.read_task("data", args.data), chat_eval.read_task("val-data", args.val_data)
+        train = chat_eval.read_task("data", args.data, "--data")
+        val = chat_eval.read_task("val-data", args.val_data, "--val-data")
     else:
         train = chat_eval.builtin_task(args.task, args.num_examples, args.seed + 2)
         val = chat_eval.builtin_task(args.task, args.eval_examples, EVAL_SEED)
@@ -92,7 +93,7 @@ def main(argv=None):
     from nanojax.train import check_tokenizer
 
     train_task, val_task = tasks(args, chat_eval)  # files are checked before the model loads
-    base_dir = get_base_dir(args.base_dir, create=True)
+    base_dir = get_base_dir(args.base_dir)  # its chatrl_checkpoints/ is made at the start of training
     start_dir = find_checkpoint_dir(base_dir, args.source, args.model_tag)
     start = Checkpoints(start_dir)
     step = start.resolve_step(args.model_step)
