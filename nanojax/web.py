@@ -31,6 +31,7 @@ MAX_CONVERSATION_CHARS = 32000
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (1, 200)
 MAX_TOKENS_RANGE = (1, 4096)
+MAX_BODY_BYTES = 2**20  # far above the longest conversation allowed, even with every character escaped
 
 
 def check_request(body, defaults: dict) -> tuple[list[dict], dict]:
@@ -100,12 +101,15 @@ def make_server(engine, host: str, port: int, *, temperature=0.8, top_k=50, max_
                 return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
+                if not 0 <= length <= MAX_BODY_BYTES:  # read as told, a bad length would hang or fill memory
+                    raise UserError(f"Content-Length {length}: give the body's size, at most {MAX_BODY_BYTES:,} bytes")
                 body = json.loads(self.rfile.read(length) or b"null")
                 messages, sampling = check_request(body, defaults)
                 prompt, sampling["max_tokens"] = prompt_for(
                     engine.tokenizer, messages, engine.max_positions, sampling["max_tokens"]
                 )
             except (ValueError, UserError) as e:  # a body that is not JSON is a ValueError
+                self.close_connection = True  # what is left of the body is no next request
                 self._send_json(HTTPStatus.BAD_REQUEST, {"detail": str(e) if isinstance(e, UserError) else "not JSON"})
                 return
             self.send_response(HTTPStatus.OK)

@@ -4,6 +4,7 @@ events, the answer the engine gives for the same conversation, and refused reque
 Run: python -m pytest -q tests/test_web.py
 """
 
+import http.client
 import json
 import shutil
 import signal
@@ -94,6 +95,17 @@ def test_an_answer_streams_what_the_engine_says_to_the_conversation(served):
 def test_bad_requests_are_refused_by_name(served, body, detail):
     status, message = post(served[1], body)
     assert status == 400 and detail in message
+
+
+def test_a_body_too_large_is_refused_unread(served):
+    host, port = served[1].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/chat/completions")
+    connection.putheader("Content-Length", str(10**9))  # and no body: reading it would wait forever
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 400 and "Content-Length 1000000000: give the body's size" in response.read().decode()
+    connection.close()
 
 
 def test_a_port_in_use_is_one_line(served):
