@@ -29,6 +29,7 @@ from nanojax.common import (
     HelpFormatter,
     cli,
     is_out_of_memory,
+    keep_freed_memory,
     nonnegative_int,
     positive_int,
 )
@@ -111,6 +112,7 @@ def time_parts(state, x_BT, y_BT, steps, warmup) -> tuple[float, float]:
 
 @cli
 def main():
+    keep_freed_memory()  # as the training scripts do
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add_shape_flags(parser)
     parser.add_argument("--dtype", type=comma_list(one_of("float32", "bfloat16")), action="extend",

@@ -23,6 +23,7 @@ from nanojax.common import (
     cli,
     every_steps,
     get_base_dir,
+    keep_freed_memory,
     model_tag,
     nonnegative_int,
     positive_int,
@@ -83,6 +84,7 @@ def tasks(args, chat_eval):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_memory()  # before jax starts its threads
     from nanojax import chat_eval, rl  # imports jax: after --help
     from nanojax.checkpoint import Checkpoints
     from nanojax.engine import find_checkpoint_dir

@@ -23,6 +23,7 @@ from nanojax.common import (
     every_steps,
     fraction,
     get_base_dir,
+    keep_freed_memory,
     model_tag,
     positive_float,
     positive_int,
@@ -84,6 +85,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_memory()  # before jax starts its threads
     from nanojax.sharding import initialize_distributed  # imports jax: inside cli, so a Ctrl-C is one line
 
     initialize_distributed(vars(args))

@@ -393,6 +393,34 @@ def test_a_piped_log_comes_line_by_line():
         proc.communicate()
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_freed_memory_is_kept_for_the_next_step(keep):
+    """A 256 MB block freed and allocated again: by default glibc hands it back and the second use faults
+    every page in again (as XLA's temporaries did, each step); kept, the second use faults none."""
+    program = f"""if True:
+        import ctypes, resource
+        from nanojax.common import keep_freed_memory
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        if {keep}:
+            keep_freed_memory()
+
+        def use_and_free():  # malloc'd, every page touched, freed (numpy would ask for huge pages)
+            block = libc.malloc(2**28)
+            ctypes.memset(block, 1, 2**28)
+            libc.free(ctypes.c_void_p(block))
+
+        use_and_free()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        use_and_free()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+    faults = int(subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout)
+    pages = 2**28 // 4096
+    assert (faults < pages // 10) if keep else (faults > pages // 2)
+
+
 def test_out_of_memory_is_one_line(capsys):
     @cli
     def main():
