@@ -130,18 +130,38 @@ def run_categorical(model, tokenizer, task: Task, batch_size: int, progress: boo
 
 def run_generative(engine, task: Task, *, num_samples=1, max_tokens=512, temperature=0.0, top_k=50, seed=0,
                    progress: bool = True) -> TaskResult:  # fmt: skip
-    tokenizer = engine.tokenizer
     passed = 0
-    bar = tqdm(task.items, desc=task.name, disable=None if progress else True, leave=False)
-    for i, item in enumerate(bar):
-        prompt = tokenizer.render_for_completion(item["messages"])
-        room = check_room(task, i, len(prompt), engine.max_positions)
-        samples, _ = engine.generate_batch(prompt, num_samples, max_tokens=min(max_tokens, room),
-                                           temperature=temperature, top_k=top_k, seed=seed + i)  # fmt: skip
-        reference = final_text(item["messages"][-1]["content"])
-        passed += any(agrees(answer_text(tokenizer, s[len(prompt) :]), reference) for s in samples)
+    bar = tqdm(range(len(task.items)), desc=task.name, disable=None if progress else True, leave=False)
+    for i in bar:
+        answers = sample_answers(engine, task, i, num_samples, max_tokens=max_tokens, temperature=temperature,
+                                 top_k=top_k, seed=seed + i)  # fmt: skip
+        passed += any(answers.rewards)
         bar.set_postfix(passed=f"{passed}/{i + 1}")
     return TaskResult(task.name, "generative", passed, len(task.items), task.chance)
+
+
+@dataclass
+class Answers:
+    """Sampled answers to one item: sequences (prompt included) and masks as Engine.generate_batch gives
+    them, and each one's reward, 1.0 when its final text agrees with the reference."""
+
+    sequences: list[list[int]]
+    masks: list[list[int]]
+    rewards: list[float]
+
+
+def sample_answers(engine, task: Task, i: int, num_samples: int, **sampling) -> Answers:
+    """num_samples answers to item i, each given at most the room its prompt leaves (and max_tokens)."""
+    tokenizer = engine.tokenizer
+    item = task.items[i]
+    prompt = tokenizer.render_for_completion(item["messages"])
+    room = check_room(task, i, len(prompt), engine.max_positions)
+    sequences, masks = engine.generate_batch(
+        prompt, num_samples, **sampling | {"max_tokens": min(sampling["max_tokens"], room)}
+    )
+    reference = final_text(item["messages"][-1]["content"])
+    rewards = [float(agrees(answer_text(tokenizer, s[len(prompt) :]), reference)) for s in sequences]
+    return Answers(sequences, masks, rewards)
 
 
 def check_room(task: Task, i: int, prompt_len: int, positions: int) -> int:

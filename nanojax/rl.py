@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from nanojax import __version__
-from nanojax.chat_eval import Task, agrees, answer_text, check_room, final_text
+from nanojax.chat_eval import Task, sample_answers
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import Interrupted, UserError
 from nanojax.engine import Engine, bucket
@@ -47,22 +47,16 @@ class Rollout:
 
 def rollout(engine: Engine, task: Task, i: int, num_samples: int, **sampling) -> Rollout:
     """num_samples answers to item i of the task, their rewards and training rows."""
-    tokenizer = engine.tokenizer
-    item = task.items[i]
-    prompt = tokenizer.render_for_completion(item["messages"])
-    room = check_room(task, i, len(prompt), engine.max_positions)
-    sampling["max_tokens"] = min(sampling["max_tokens"], room)
-    sequences, masks = engine.generate_batch(prompt, num_samples, **sampling)
-    reference = final_text(item["messages"][-1]["content"])
-    rewards = [float(agrees(answer_text(tokenizer, s[len(prompt) :]), reference)) for s in sequences]
+    answers = sample_answers(engine, task, i, num_samples, **sampling)
+    sequences, masks = answers.sequences, answers.masks
     # Padded with <|assistant_end|>, masked: the stop token itself is not part of a sample (nanochat's too).
     length = max(len(s) for s in sequences)
-    ids = np.full((num_samples, length), tokenizer.encode_special("<|assistant_end|>"), np.int32)
+    ids = np.full((num_samples, length), engine.tokenizer.encode_special("<|assistant_end|>"), np.int32)
     trained = np.zeros((num_samples, length), bool)
     for row, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
         ids[row, : len(seq)], trained[row, : len(mask)] = seq, mask
     targets = np.where(trained[:, 1:], ids[:, 1:], -1).astype(np.int32)
-    return Rollout(ids[:, :-1], targets, np.asarray(rewards, np.float32))
+    return Rollout(ids[:, :-1], targets, np.asarray(answers.rewards, np.float32))
 
 
 def stack_passes(rollouts: list[Rollout], rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,8 +106,8 @@ def pass_at_k(engine: Engine, task: Task, k: int, max_tokens: int, top_k, seed: 
     """pass@1..k over the task's items, from k samples each at temperature 1 (nanochat's RL evaluation)."""
     hits = np.zeros(k)
     for i in range(len(task.items)):
-        r = rollout(engine, task, i, k, max_tokens=max_tokens, temperature=1.0, top_k=top_k, seed=seed + i)
-        hits += np.maximum.accumulate(r.rewards) > 0  # pass@j: one of the first j samples passed
+        answers = sample_answers(engine, task, i, k, max_tokens=max_tokens, temperature=1.0, top_k=top_k, seed=seed + i)
+        hits += np.maximum.accumulate(answers.rewards) > 0  # pass@j: one of the first j samples passed
     return (hits / len(task.items)).tolist()
 
 

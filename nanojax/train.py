@@ -246,8 +246,9 @@ def stack_micro_batches(loader, grad_accum: int, vocab_size: int) -> tuple[np.nd
     pairs = [next(loader) for _ in range(grad_accum)]
     x, y = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     for ids, lowest, what in ((x, 0, "input"), (y, -1, "target")):  # target -1: no loss there
-        if ids.size and (ids.min() < lowest or ids.max() >= vocab_size):
-            bad = ids.min() if ids.min() < lowest else ids.max()
+        low, high = (ids.min(), ids.max()) if ids.size else (lowest, lowest)
+        if low < lowest or high >= vocab_size:
+            bad = low if low < lowest else high
             raise UserError(f"the data holds {what} id {bad}, outside the model's vocab of {vocab_size} tokens: "
                             "tokenize it with the model's tokenizer")  # fmt: skip
     return x, y
