@@ -36,8 +36,9 @@ from flax import nnx
 from nanojax.checkpoint import Checkpoints
 from nanojax.common import CHECKPOINT_SOURCES, UserError
 from nanojax.model import GPT, ROTARY_OVERSIZE, GPTConfig, attention_mask, rms_norm, rotary_tables
+from nanojax.runs import check_tokenizer
 from nanojax.tokenizer import get_tokenizer
-from nanojax.train import abstract_model, check_tokenizer
+from nanojax.train import abstract_model
 
 # --- uncached decoding ----------------------------------------------------------------------------
 

@@ -28,8 +28,9 @@ from nanojax.common import Interrupted, UserError
 from nanojax.engine import Engine, bucket
 from nanojax.model import GPTConfig
 from nanojax.optim import Schedule
+from nanojax.runs import check_run_folder, claimed, set_aside_previous_run
 from nanojax.sharding import batch_sharding, global_batch, make_mesh, multi_process_env, replicated
-from nanojax.train import OptimSettings, check_run_folder, claimed, fmt_time, init_state, set_aside_previous_run
+from nanojax.train import OptimSettings, fmt_time, init_state
 
 
 @dataclass

@@ -20,12 +20,12 @@ from nanojax.model import ROTARY_OVERSIZE, GPTConfig
 from nanojax.optim import Schedule, finetune_groups
 from nanojax.pretrain import replicate, wandb_logger
 from nanojax.report import write_report
+from nanojax.runs import check_tokenizer
 from nanojax.tokenizer import get_tokenizer
 from nanojax.train import (
     OptimSettings,
     RunConfig,
     abstract_model,
-    check_tokenizer,
     platform_attention,
     platform_dtypes,
     train,

@@ -91,8 +91,8 @@ def main(argv=None):
     from nanojax.model import GPTConfig
     from nanojax.optim import finetune_groups
     from nanojax.report import write_rl_report
+    from nanojax.runs import check_tokenizer
     from nanojax.tokenizer import get_tokenizer
-    from nanojax.train import check_tokenizer
 
     train_task, val_task = tasks(args, chat_eval)  # files are checked before the model loads
     base_dir = get_base_dir(args.base_dir)  # its chatrl_checkpoints/ is made at the start of training

@@ -21,9 +21,10 @@ from nanojax.engine import Engine
 from nanojax.model import GPT, GPTConfig
 from nanojax.optim import finetune_groups
 from nanojax.pretrain import pretrain
+from nanojax.runs import check_run_folder
 from nanojax.sharding import make_mesh
 from nanojax.tokenizer import get_tokenizer
-from nanojax.train import OptimSettings, check_run_folder, init_state
+from nanojax.train import OptimSettings, init_state
 from scripts import chat_eval as chat_eval_script
 from scripts import chat_rl
 from scripts import pretrain as pretrain_script

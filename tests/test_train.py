@@ -24,15 +24,14 @@ from nanojax.common import Interrupted, UserError, cli
 from nanojax.model import GPT, GPTConfig, param_paths
 from nanojax.optim import Schedule, setup_groups
 from nanojax.pretrain import pretrain
+from nanojax.runs import claimed, note_changed_settings
 from nanojax.sharding import make_mesh, tree_shardings
 from nanojax.tokenizer import Tokenizer, tokenizer_dir
 from nanojax.train import (
     OptimSettings,
     TrainState,
-    claimed,
     init_state,
     make_train_step,
-    note_changed_settings,
     platform_attention,
     stack_micro_batches,
 )
@@ -316,7 +315,7 @@ def test_one_run_at_a_time_per_model_tag(tiny_base, monkeypatch):
 
 
 def test_too_little_disk_for_the_checkpoints_is_said_at_the_start(tiny_base, monkeypatch, capsys):
-    monkeypatch.setattr("nanojax.train.shutil.disk_usage", lambda _: SimpleNamespace(free=2**20))
+    monkeypatch.setattr("nanojax.runs.shutil.disk_usage", lambda _: SimpleNamespace(free=2**20))
     run(tiny_base, "--num-iterations=1", "--model-tag=disk", "--keep-checkpoints=2", "--eval-every=1")
     out = capsys.readouterr().out
     assert re.search(r"note: 1 MiB free in \S+, less than 3 checkpoints of [1-9]\d* MiB: saves may fail", out)
