@@ -207,7 +207,11 @@ def cli(main):
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(line_buffering=True)
         previous_hook = sys.unraisablehook
-        sys.unraisablehook = lambda unraisable: _rethrow_interrupt(unraisable, previous_hook)
+
+        def hook(unraisable):
+            _rethrow_interrupt(unraisable, previous_hook)
+
+        sys.unraisablehook = hook
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -232,7 +236,10 @@ def cli(main):
                   "smaller model", file=sys.stderr)  # fmt: skip
             sys.exit(2)
         finally:
-            sys.unraisablehook = previous_hook
+            # A hook installed on top of ours while main ran (nanojax.checkpoint's, imported late so that --help
+            # stays fast) stays: it silences reports that come after main's error, from reads still in flight.
+            if sys.unraisablehook is hook:
+                sys.unraisablehook = previous_hook
 
     return run
 

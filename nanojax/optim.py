@@ -270,6 +270,7 @@ def scaled_groups(
 ) -> dict[str, Group]:
     """base_train's groups: every lr (embedding_lr, unembedding_lr, matrix_lr, scalar_lr) scaled by the batch
     size, weight decay by depth."""
+    _check_weight_decay(weight_decay)  # the value as given, not as scaled
     wd = depth_weight_decay(weight_decay, depth)
     return _lrs_times(batch_lr_scale(total_batch_size), model_dim, wd, adam_betas, lrs)
 
@@ -280,14 +281,18 @@ def finetune_groups(
     """chat_sft's groups: the lrs as given (not scaled by the batch size, as pretraining's are) x init_lr_frac."""
     if not 0 <= init_lr_frac < math.inf:
         raise UserError(f"--init-lr-frac {init_lr_frac} must be a finite number >= 0")
+    _check_weight_decay(weight_decay)
     return _lrs_times(init_lr_frac, model_dim, weight_decay, adam_betas, lrs)
+
+
+def _check_weight_decay(weight_decay: float) -> None:
+    if not 0 <= weight_decay < math.inf:
+        raise UserError(f"--weight-decay {weight_decay} must be a finite number >= 0")
 
 
 def _lrs_times(scale: float, model_dim: int, weight_decay: float, adam_betas, lrs: dict) -> dict[str, Group]:
     if bad := [f"--{name.replace('_', '-')} {lr}" for name, lr in lrs.items() if not 0 <= lr < math.inf]:
         raise UserError(f"{', '.join(bad)}: learning rates must be finite numbers >= 0")
-    if not 0 <= weight_decay < math.inf:
-        raise UserError(f"--weight-decay {weight_decay} must be a finite number >= 0")
     if not all(0 <= beta < 1 for beta in adam_betas):  # beta2 = 1 never updates the second moment from 0
         raise UserError(f"--adam-beta1, --adam-beta2 {adam_betas[0]}, {adam_betas[1]}: AdamW's betas must be >= 0 "
                         "and below 1")  # fmt: skip

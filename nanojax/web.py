@@ -13,8 +13,10 @@ The API is nanochat's chat_web's, so either side's page works with the other's s
 One model answers one request at a time (the others wait for it); an answer whose client has gone stops.
 """
 
+import errno
 import json
 import random
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -151,4 +153,6 @@ def make_server(engine, host: str, port: int, *, temperature=0.8, top_k=50, max_
     try:
         return ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
-        raise UserError(f"can't serve on {host}:{port} ({e.strerror}): pick another --port") from None
+        not_here = isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL  # no such address on this machine
+        fix = "check --host" if not_here else "pick another --port"
+        raise UserError(f"can't serve on {host}:{port} ({e.strerror}): {fix}") from None

@@ -23,14 +23,23 @@ from nanojax.common import (
 )
 
 
+def port(text: str) -> int:
+    value = nonnegative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: pick one from 0 to 65535")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     add_checkpoint_flags(p, "sft")
-    a("-t", "--temperature", type=temperature, default=0.8, help="default sampling temperature; 0 is greedy")
-    a("-k", "--top-k", type=nonnegative_int, default=50, help="default top-k; 0 for all tokens")
-    a("-m", "--max-tokens", type=positive_int, default=512, help="default limit on an answer's tokens")
-    a("-p", "--port", type=nonnegative_int, default=8000, help="port to serve on (0: any free one)")
+    a("-t", "--temperature", type=temperature, default=0.8, help="sampling temperature of requests that set none; "
+      "0 is greedy")  # fmt: skip
+    a("-k", "--top-k", type=nonnegative_int, default=50, help="top-k of requests that set none; 0 for all tokens")
+    a("-m", "--max-tokens", type=positive_int, default=512, help="limit on an answer's tokens, for requests that "
+      "set none")  # fmt: skip
+    a("-p", "--port", type=port, default=8000, help="port to serve on (0: any free one)")
     a("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 serves other machines too")
     a("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
     return p.parse_args(argv)

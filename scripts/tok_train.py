@@ -21,10 +21,10 @@ EVAL_CHARS = 1_000_000  # held-out text for the compression figure
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = parser.add_argument
-    a("--vocab-size", type=positive_int, default=8192, help="vocabulary incl. 9 special tokens (8192)")
-    a("--max-chars", type=positive_int, default=10_000_000, help="characters to train on (10,000,000)")
+    a("--vocab-size", type=positive_int, default=8192, help="vocabulary incl. 9 special tokens")
+    a("--max-chars", type=positive_int, default=10_000_000, help="characters to train on")
     a("--doc-cap", type=positive_int, default=10_000, help="documents are cut into pieces of at most this many "
-      "characters (10,000)")  # fmt: skip
+      "characters")  # fmt: skip
     parser.add_argument(
         "--data",
         nargs="+",

@@ -144,6 +144,8 @@ def test_schedule_and_learning_rates_are_checked():
             scaled_groups(128, 4, 4096, **(lrs | {"matrix_lr": bad}), weight_decay=0.0, adam_betas=(0.8, 0.95))
     with pytest.raises(UserError, match="--weight-decay inf must be a finite number >= 0"):
         scaled_groups(128, 4, 4096, **lrs, weight_decay=math.inf, adam_betas=(0.8, 0.95))
+    with pytest.raises(UserError, match="--weight-decay -1.0 must be"):  # as given, not scaled by (12 / depth)^2
+        scaled_groups(128, 4, 4096, **lrs, weight_decay=-1.0, adam_betas=(0.8, 0.95))
     for betas in [(1.5, 0.95), (0.8, 1.0), (-0.1, 0.95)]:
         with pytest.raises(UserError, match="AdamW's betas must be >= 0 and below 1"):
             finetune_groups(128, 0.8, **lrs, weight_decay=0.0, adam_betas=betas)

@@ -284,6 +284,20 @@ def test_bad_inputs_are_one_line_errors(tiny_base):
         run(tiny_base / "other", "--num-iterations=2", "--model-tag=bad", "--resume-from-step=1")
 
 
+def test_a_damaged_optimizer_state_is_one_line_on_stderr(tiny_base):
+    # Orbax's reads still in flight when the first one fails report "Event loop is closed" after the error.
+    run(tiny_base, "--num-iterations=1", "--model-tag=torn")
+    step_dir = tiny_base / "base_checkpoints" / "torn" / "1"
+    biggest = max((step_dir / "opt_state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    os.truncate(biggest, 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "scripts.pretrain", *TINY_RUN, f"--base-dir={tiny_base}", "--num-iterations=2",
+           "--model-tag=torn", "--resume-from-step=1"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert re.fullmatch(f"error: checkpoint at {step_dir} could not be read, .*available: none\\)\n", done.stderr)
+
+
 def test_failed_start_keeps_the_earlier_run_and_samples_never_cost_a_checkpoint(tiny_base, capsys):
     folder = tiny_base / "base_checkpoints" / "kept"
     run(tiny_base, "--num-iterations=1", "--model-tag=kept")

@@ -113,6 +113,14 @@ def test_a_port_in_use_is_one_line(served):
     port = int(url.rsplit(":", 1)[1])
     with pytest.raises(UserError, match=f"can't serve on 127.0.0.1:{port} .*pick another --port"):
         make_server(served[0], "127.0.0.1", port)
+    with pytest.raises(UserError, match="can't serve on 192.0.2.1:0 .*check --host"):  # an address not on this machine
+        make_server(served[0], "192.0.2.1", 0)
+
+
+def test_a_port_out_of_range_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        chat_web.parse_args(["--port", "70000"])
+    assert "70000 is not a port: pick one from 0 to 65535" in capsys.readouterr().err
 
 
 def test_no_chat_model_is_said_in_one_line(tmp_path, capsys):
