@@ -124,7 +124,8 @@ class Checkpoints:
             if problem is None:
                 complete.append(step)
             else:
-                warnings.warn(f"skipping incomplete checkpoint {self.step_dir(step)}: {problem}", stacklevel=2)
+                # Said once a process (Python's default for a warning from one place), not at every listing.
+                warnings.warn(f"skipping incomplete checkpoint {self.step_dir(step)}: {problem}", stacklevel=1)
         return complete
 
     def latest_step(self) -> int | None:
@@ -224,8 +225,10 @@ class Checkpoints:
         if later:
             latest = self.latest_step()
             hint = f"resume from the latest, {latest}, or " if latest != step else ""
+            incomplete = [s for s in later if self._problem(s)]  # still in the way of this run's saves
             raise UserError(
-                f"resuming from step {step} but later checkpoints {later} exist in {self.directory}: {hint}"
+                f"resuming from step {step} but later checkpoints {later} exist in {self.directory}"
+                f"{f' (incomplete: {incomplete})' if incomplete else ''}: {hint}"
                 f"move {'them' if len(later) > 1 else 'it'} aside to resume from {step}"
             )
         saved = set(self._item_names(step))

@@ -26,6 +26,7 @@ from nanojax.train import (
     OptimSettings,
     RunConfig,
     abstract_model,
+    grad_accum_steps,
     platform_attention,
     platform_dtypes,
     train,
@@ -93,6 +94,9 @@ def sft(args, base_dir, prompts):
             f"--max-seq-len {T} is past the base model's {config.sequence_len * ROTARY_OVERSIZE} rotary positions "
             f"({ROTARY_OVERSIZE} x its sequence length): lower it"
         )
+    if T > config.sequence_len:
+        print(f"note: --max-seq-len {T} is past the base model's {config.sequence_len}-token context: it never "
+              "trained at those positions")  # fmt: skip
 
     data = args.data or [chat.ensure_conversations(base_dir)]
     convs = chat.read_conversations(data, tokenizer, T + 1, skip_bad_lines=args.skip_bad_lines)
@@ -105,6 +109,8 @@ def sft(args, base_dir, prompts):
                   "val loss will flatter the model")  # fmt: skip
     else:
         train_convs, val_convs = chat.split_conversations(convs, args.val_fraction, args.seed)
+    # Checked before the plan is printed: a batch that does not divide into rows has no plan.
+    grad_accum_steps(args.total_batch_size, args.device_batch_size, T, jax.device_count())
     rows_per_step = args.total_batch_size // T
     epoch_rows = chat.rows_per_epoch(train_convs, T)
     num_iterations = args.num_iterations

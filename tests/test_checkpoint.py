@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_checkpoint.py
 """
 
 import shutil
+import warnings
 from types import SimpleNamespace
 
 import jax
@@ -183,7 +184,14 @@ def test_incomplete_step_is_skipped_and_kept(tmp_path):
         pytest.raises(UserError, match=f"{tmp_path / '2'} is incomplete or corrupt"),
     ):
         ckpts.restore_params(2)
+    later = r"later checkpoints \[2, 4\] exist in .* \(incomplete: \[2, 4\]\): move them aside to resume from 1"
+    with pytest.warns(UserWarning), pytest.raises(UserError, match=later):  # they would be in the way of saves
+        ckpts.restore(1, params=abstract(params), opt_state=None)
     assert (tmp_path / "2").is_dir() and (tmp_path / "4").is_dir()  # never deleted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own setting: a script says each once, not at every listing
+        ckpts.steps(), Checkpoints(tmp_path).latest_step()  # two places that list the steps
+    assert len(caught) == 2
 
 
 def test_truncated_file_is_reported(tmp_path):

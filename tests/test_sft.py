@@ -22,6 +22,7 @@ from conftest import TINY_RUN
 
 from nanojax import chat
 from nanojax.checkpoint import Checkpoints
+from nanojax.common import UserError
 from nanojax.pretrain import pretrain
 from nanojax.sft import inherit, sft
 from scripts import chat_sft
@@ -74,10 +75,18 @@ def test_sft_starts_from_the_base_weights(base, capsys):
     training conversations is allowed, with a note.)"""
     convs = chat.ensure_conversations(base)
     s = run_sft(base, "frozen", "--num-iterations=1", "--init-lr-frac=0", f"--data={convs}", f"--val-data={convs}")
-    assert "note: 2,000 of the 2,000 --val-data conversations are training ones too" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: 2,000 of the 2,000 --val-data conversations are training ones too" in out
+    assert "note: --max-seq-len 128 is past the base model's 32-token context" in out
     base_params = Checkpoints(base / "base_checkpoints" / "chat").restore_params().params
     for a, b in zip(jax.tree.leaves(s["params"]), jax.tree.leaves(base_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_batch_that_does_not_divide_into_rows_is_refused_before_the_plan(base, capsys):
+    with pytest.raises(UserError, match="--total-batch-size 1000 is not divisible by .* pick a multiple of 1024"):
+        run_sft(base, "frozen", "--total-batch-size=1000")
+    assert "steps of" not in capsys.readouterr().out  # no plan of "0 rows" a step first
 
 
 def test_unset_flags_come_from_a_converted_nanochat_run(reference_dir):
