@@ -151,8 +151,8 @@ def read_conversations(paths, tokenizer, row_len: int, *, skip_bad_lines=False, 
             )
         log(f"skipped those {len(bad)} line(s) (--skip-bad-lines)")
     if truncated:
-        log(f"warning: {len(truncated)} conversation(s) longer than a row of {row_len} tokens were truncated "
-            "(raise --max-seq-len to keep them whole):")  # fmt: skip
+        log(f"warning: {len(truncated)} conversation(s) longer than a row of {row_len} tokens (--max-seq-len and "
+            "the last one's target) were truncated (raise --max-seq-len to keep them whole):")  # fmt: skip
         _list(truncated, log)
     if untrained:
         log(f"left out {len(untrained)} of them: no assistant token within the first {row_len} tokens")

@@ -38,8 +38,10 @@ def parse_args(argv=None):
     a = p.add_argument
     a("-i", "--source", choices=["sft", "base"], default="sft", help="start from chatsft_checkpoints or "
       "base_checkpoints")  # fmt: skip
-    a("--model-tag", type=model_tag, default=None, help="checkpoint folder, also the RL one (default: the latest)")
-    a("--model-step", "--step", type=int, default=None, help="checkpoint step to start from (default: the latest)")
+    a("-g", "--model-tag", type=model_tag, default=None, help="checkpoint folder, also the RL one (default: the "
+      "latest)")  # fmt: skip
+    a("-s", "--model-step", "--step", type=int, default=None, help="checkpoint step to start from (default: the "
+      "latest)")  # fmt: skip
     a("--task", choices=CHAT_TASKS, default="SpellingBee", help="built-in task (unless --data)")
     a("--num-examples", type=positive_int, default=1600, help="built-in task: training questions")
     a("--data", default=None, help="JSONL of your training questions (conversations ending in the reference answer)")

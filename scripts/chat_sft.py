@@ -36,9 +36,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     g = p.add_argument_group("base model")
-    g.add_argument("--model-tag", type=model_tag, default=None,
+    g.add_argument("-g", "--model-tag", type=model_tag, default=None,
                    help="base checkpoint folder, also the SFT one (default: the latest)")  # fmt: skip
-    g.add_argument("--model-step", "--step", type=int, default=None, help="base checkpoint step (default: latest)")
+    g.add_argument(
+        "-s", "--model-step", "--step", type=int, default=None, help="base checkpoint step (default: latest)"
+    )
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help="conversation JSONL files, folders or globs (default: "
                    "<base_dir>/chat_data/synthetic.jsonl, generated on first use)")  # fmt: skip

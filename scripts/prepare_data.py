@@ -1,8 +1,8 @@
 """Write the pretraining corpus as parquet shards under <base_dir>/base_data/ (the last shard is validation).
 
-    python -m scripts.prepare_data                          # Python standard library files (the default)
-    python -m scripts.prepare_data --source notes/ '*.md'   # your files, folders, globs, .jsonl, .parquet
-    python -m scripts.prepare_data --source fineweb -n 8    # download nanochat's FineWeb-Edu shards
+    python -m scripts.prepare_data                                 # Python standard library files (the default)
+    python -m scripts.prepare_data --source notes/ 'papers/*.md'   # your files: folders, globs, .jsonl, .parquet
+    python -m scripts.prepare_data --source fineweb -n 8           # download nanochat's FineWeb-Edu shards
 
 Your files are sharded in a seeded shuffle, so the validation shard is not the last folder's files.
 Re-running is safe: finished work is skipped and an interrupted download resumes.
