@@ -90,6 +90,11 @@ def checkpoint_step(text: str) -> int:
     return -1 if text.strip() == "-1" else _int_at_least(text, 1, "a checkpoint's step, or -1 for a fresh run")
 
 
+def count_or_all(text: str) -> int:
+    """An argparse type for a cap such as examples per task: a positive count, or -1 for all."""
+    return -1 if text.strip() == "-1" else _int_at_least(text, 1, "a positive count, or -1 for all")
+
+
 def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)

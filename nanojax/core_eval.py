@@ -110,6 +110,17 @@ def load_bundle(bundle_dir) -> list[Task]:
         raise UserError(f"malformed CORE bundle at {bundle_dir}: {type(e).__name__}: {e}") from e
 
 
+def find_tasks(core_bundle, base_dir, max_per_task: int = -1) -> tuple[list[Task] | None, Path]:
+    """The tasks of --core-bundle, else of <base_dir>/eval_bundle when there is one (None when not: CORE is
+    skipped), checked against max_per_task before anything long runs; and the bundle's path, to name it."""
+    bundle = Path(core_bundle).expanduser() if core_bundle else Path(base_dir) / "eval_bundle"
+    if not core_bundle and not bundle.is_dir():
+        return None, bundle
+    tasks = load_bundle(bundle)
+    check_shots(tasks, max_per_task)
+    return tasks, bundle
+
+
 def check_shots(tasks: list[Task], max_per_task: int = -1) -> None:
     """Each task needs more items than its shots (the shots are other items): said before any evaluation."""
     for task in tasks:
@@ -234,9 +245,10 @@ class Scorer:
     real tokens, which causality ignores) to power-of-two shapes of at least 64 tokens, so a handful of
     compilations serve a whole bundle. Sequences past the rotary table lose their first tokens, as nanochat crops."""
 
-    def __init__(self, model: GPT, pad_id: int):
+    def __init__(self, model: GPT, pad_id: int, place=None):
         self.graphdef, self.params = nnx.split(model)
         self.pad_id = pad_id
+        self.place = place or (lambda idx: idx)  # a host batch -> where the params are (see evaluate_core)
         self.max_len = model.config.sequence_len * ROTARY_OVERSIZE
 
     def __call__(self, tokens, spans):
@@ -249,7 +261,8 @@ class Scorer:
         idx = np.full((bucket(len(tokens), smallest=1), T), self.pad_id, np.int32)
         for i, t in enumerate(tokens):
             idx[i, : len(t)] = t
-        losses, predictions = (np.asarray(a) for a in _losses_and_predictions(self.graphdef, self.params, idx))
+        outputs = _losses_and_predictions(self.graphdef, self.params, self.place(idx))
+        losses, predictions = (np.asarray(a) for a in outputs)
         return idx, losses, predictions, spans
 
 
@@ -289,10 +302,12 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, max_per_task: int = -1)
     return TaskResult(task.label, task.task_type, task.num_fewshot, len(items), accuracy, centered)
 
 
-def evaluate_core(model: GPT, tokenizer, tasks: list[Task], max_per_task: int = -1, log=print):
-    """(CORE, one TaskResult per task): CORE is the mean centered accuracy."""
+def evaluate_core(model: GPT, tokenizer, tasks: list[Task], max_per_task: int = -1, log=print, place=None):
+    """(CORE, one TaskResult per task): CORE is the mean centered accuracy. place(host batch), if given, puts
+    each batch where the model's params are: in a multi-process run, a global array that every process
+    builds from the same batch (they all score every item)."""
     check_shots(tasks, max_per_task)
-    scorer = Scorer(model, tokenizer.get_bos_token_id())
+    scorer = Scorer(model, tokenizer.get_bos_token_id(), place)
     results = []
     for task in tasks:
         results.append(evaluate_task(scorer, tokenizer, task, max_per_task))

@@ -3,12 +3,15 @@
 scripts/pretrain.py parses the flags (nanochat's base_train names) and calls `pretrain`.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nanojax import dataset
+from nanojax import core_eval, dataset
 from nanojax.common import UserError
 from nanojax.engine import sample_texts
 from nanojax.loader import Readers, make_val_loader
@@ -49,6 +52,7 @@ def pretrain(args, base_dir, prompts):
     )  # fmt: skip
     schedule = Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     optim = OptimSettings(groups, schedule, orth_dtype)
+    core_metric = core_metric_fn(args, base_dir, tokenizer)
     # The data last: preparing it can take long, and the settings above are checked by then.
     if args.data:
         dataset.prepare_data(args.data, base_dir, keep_options=True)
@@ -61,7 +65,7 @@ def pretrain(args, base_dir, prompts):
         device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
         checkpoint_dir=base_dir / "base_checkpoints" / tag, dtype=dtype, fsdp=args.fsdp,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, sample_every=args.sample_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        core_metric_every=args.core_metric_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume_from_step=args.resume_from_step, seed=args.seed, loss_chunk=args.loss_chunk,
         attention=platform_attention(args.attention, dtype, config.head_dim),
         ynn_dots=args.ynn_dots, user_config=vars(args),
@@ -90,9 +94,35 @@ def pretrain(args, base_dir, prompts):
             ),  # fmt: skip
             sample=sample,
             on_metrics=wandb_logger(args.run, vars(args)),
+            core_metric=core_metric,
         )
     report = write_report(run.checkpoint_dir, summary, f"nanojax pretraining report: {tag}")
     return summary, report
+
+
+def core_metric_fn(args, base_dir, tokenizer):
+    """CORE of (graphdef, params) on the run's task bundle, or None: no bundle, or --core-metric-every 0.
+    The bundle is read and checked now, not at the first evaluation."""
+    if args.core_metric_every == 0:
+        return None
+    tasks, bundle = core_eval.find_tasks(args.core_bundle, base_dir, args.core_metric_max_per_task)
+    if jax.process_count() > 1:  # every process must evaluate, or none: each host reads its own base dir
+        from jax.experimental import multihost_utils
+
+        found = multihost_utils.process_allgather(np.array([tasks is not None]))
+        if found.any() and not found.all():
+            raise UserError(f"some processes have a CORE task bundle at {bundle} and some don't: give every host "
+                            "the same one (--core-bundle), or pass --core-metric-every 0")  # fmt: skip
+    if tasks is None:
+        print(f"CORE is not evaluated: no task bundle at {bundle} (pass --core-bundle)")
+        return None
+
+    def core_metric(graphdef, params):
+        model = nnx.merge(graphdef, params)
+        place = partial(replicate, like=params)  # every process scores every item, as with the samples
+        return core_eval.evaluate_core(model, tokenizer, tasks, args.core_metric_max_per_task, place=place)[0]
+
+    return core_metric
 
 
 def replicate(host_array, like):

@@ -20,6 +20,8 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
     metric = summary["eval_metric"]  # bpb, or loss for finetuning (train.RunConfig.eval_metric)
     plot_losses(folder / "loss.png", history.train_loss, getattr(history, f"val_{metric}"), VAL_LABELS[metric])
 
+    core = ", ".join(f"{value:.4f} (step {step})" for step, value in history.core_metric)  # pretraining with a bundle
+    core_row = [f"| CORE metric | {core} |"] if core else []
     lines = [
         f"# {title}",
         "",
@@ -36,6 +38,7 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
         f"| devices | {summary['devices']} |",
         f"| final train loss (EMA) | {num(summary['final_loss'])} |",
         f"| min / final val {metric} | {num(summary[f'min_val_{metric}'])} / {num(summary[f'final_val_{metric}'])} |",
+        *core_row,
         "",
         "## Command line",
         "",

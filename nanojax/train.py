@@ -277,6 +277,7 @@ class RunConfig:
     eval_every: int = 250
     eval_tokens: int = 524_288
     sample_every: int = 2000
+    core_metric_every: int = 2000  # with a core_metric to evaluate (train's argument); 0: never
     save_every: int = -1
     keep_checkpoints: int = 3
     resume_from_step: int = -1
@@ -295,6 +296,7 @@ class History:
     train_loss: list = field(default_factory=list)  # (step, debiased EMA loss)
     val_bpb: list = field(default_factory=list)  # (step, bpb)
     val_loss: list = field(default_factory=list)  # (step, masked mean loss), finetuning's metric
+    core_metric: list = field(default_factory=list)  # (step, CORE)
     samples: list = field(default_factory=list)  # the last set of greedy samples
 
 
@@ -309,7 +311,15 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
 
 
 def train(
-    run: RunConfig, tokenizer, make_train_loader, val_batches, sample, on_metrics=None, log=print, init_params=None
+    run: RunConfig,
+    tokenizer,
+    make_train_loader,
+    val_batches,
+    sample,
+    on_metrics=None,
+    log=print,
+    init_params=None,
+    core_metric=None,
 ) -> dict:
     """Train `run`; returns a summary dict. Callers supply the data and the sampler:
 
@@ -317,13 +327,15 @@ def train(
     val_batches(batch_size) -> iterable of host batches (the same on every call);
     sample(graphdef, params) -> list of strings;
     on_metrics(step, dict), if given, receives each step's metrics (e.g. for Weights & Biases);
-    init_params(targets) -> params, if given, starts a fresh run from these weights (see init_state).
+    init_params(targets) -> params, if given, starts a fresh run from these weights (see init_state);
+    core_metric(graphdef, params) -> float, if given, is evaluated every run.core_metric_every steps and at
+    the end (pretraining's CORE, as nanochat's base_train).
     """
     with claimed(Path(run.checkpoint_dir)):
-        return _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params)
+        return _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params, core_metric)
 
 
-def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params) -> dict:
+def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, log, init_params, core_metric) -> dict:
     config = run.model_config
     ckpts = Checkpoints(run.checkpoint_dir, max_to_keep=run.keep_checkpoints) if run.resume_from_step >= 0 else None
     if ckpts is not None:  # a checkpoint that is not there is named before any other setting
@@ -464,6 +476,13 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
             last = step == run.num_iterations
             if last or (run.eval_every > 0 and step % run.eval_every == 0):
                 val = evaluate_now(params)
+            every = run.core_metric_every
+            if core_metric and every and (last or (every > 0 and step % every == 0)):
+                core = core_metric(graphdef, params)
+                history.core_metric.append((step, core))
+                log(f"step {step:05d} | CORE metric {core:.4f}")
+                if on_metrics:
+                    on_metrics(step, {"core_metric": core})
             if last or (run.save_every > 0 and step % run.save_every == 0):
                 save(params, opt_state, val)
             if last or (run.sample_every > 0 and step % run.sample_every == 0):
@@ -506,6 +525,7 @@ def _train(run, tokenizer, make_train_loader, val_batches, sample, on_metrics, l
         "peak_memory_bytes": peak_memory_bytes(), "eval_metric": run.eval_metric,
         f"min_{metric}": loop[f"min_{metric}"], f"final_{metric}": val,
         "final_loss": history.train_loss[-1][1] if history.train_loss else None, "history": history,
+        "final_core_metric": history.core_metric[-1][1] if history.core_metric else None,
         "devices": f"{dp} x {jax.devices()[0].device_kind}", "checkpoint_dir": str(run.checkpoint_dir),
         "user_config": run.user_config, "params": params,
     }  # fmt: skip

@@ -12,13 +12,13 @@ to <checkpoint dir>/report.md.
 """
 
 import argparse
-from pathlib import Path
 
 from nanojax.common import (
     HelpFormatter,
     UserError,
     add_checkpoint_flags,
     cli,
+    count_or_all,
     get_base_dir,
     nonnegative_int,
     positive_int,
@@ -34,7 +34,7 @@ def parse_args(argv=None):
       "base_loss name)")  # fmt: skip
     a("--device-batch-size", type=positive_int, default=32, help="validation rows per device per batch")
     a("--core-bundle", default=None, help="CORE task bundle directory (default <base_dir>/eval_bundle if present)")
-    a("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
+    a("--max-per-task", type=count_or_all, default=-1, help="examples per CORE task (-1: all)")
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="matmul dtype; auto: float32 on CPU, bfloat16 on accelerators")  # fmt: skip
     a("--base-dir", default=None, help="default $NANOJAX_BASE_DIR, else ~/.cache/nanojax")
@@ -44,8 +44,6 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    if args.max_per_task == 0 or args.max_per_task < -1:
-        raise UserError(f"--max-per-task {args.max_per_task}: give a positive count, or -1 for all examples")
     import jax.numpy as jnp  # after --help
 
     from nanojax import core_eval, dataset, engine, train
@@ -58,10 +56,7 @@ def main(argv=None):
     )
     notes = []
     # The bundle is read and checked before the val bpb pass, which can be long.
-    bundle = Path(args.core_bundle).expanduser() if args.core_bundle else base_dir / "eval_bundle"
-    tasks = core_eval.load_bundle(bundle) if args.core_bundle or bundle.is_dir() else None
-    if tasks is not None:
-        core_eval.check_shots(tasks, args.max_per_task)
+    tasks, bundle = core_eval.find_tasks(args.core_bundle, base_dir, args.max_per_task)
 
     bpb = None
     if args.eval_tokens > 0:

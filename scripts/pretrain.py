@@ -6,7 +6,9 @@
 
 Data: the shards under <base_dir>/base_data (the Python standard library by default, prepared on
 first use) or --data PATH... (your files). The tokenizer comes from `python -m scripts.tok_train`.
-Checkpoints, report.md and loss.png go to <base_dir>/base_checkpoints/<model tag>/.
+Checkpoints, report.md and loss.png go to <base_dir>/base_checkpoints/<model tag>/. With a CORE task
+bundle (--core-bundle, or <base_dir>/eval_bundle; see scripts/base_eval.py) CORE is evaluated during the
+run too, every --core-metric-every steps and at the end, on --core-metric-max-per-task examples a task.
 """
 
 import argparse
@@ -17,12 +19,19 @@ from nanojax.common import (
     add_compute_flags,
     checkpoint_step,
     cli,
+    count_or_all,
     every_steps,
     get_base_dir,
     keep_freed_memory,
     model_tag,
     positive_int,
 )
+
+
+def core_every(text: str) -> int:
+    """--core-metric-every: a step interval, -1 for the end only, or 0 for never (a bundle there or not)."""
+    return 0 if text.strip() == "0" else every_steps(text)
+
 
 PROMPTS = ["The capital of France is", "def main(", "import ", "If yesterday was Friday, then tomorrow will be"]
 
@@ -66,6 +75,12 @@ def parse_args(argv=None):
     g.add_argument("--sample-every", type=every_steps, default=2000, help="samples every N steps and at the end")
     g.add_argument("--sample-prompt", action="append", default=None, help="a prompt to continue in the samples; "
                    f"repeatable (default: {', '.join(map(repr, PROMPTS))})")  # fmt: skip
+    g.add_argument("--core-metric-every", type=core_every, default=2000, help="CORE every N steps and at the end, "
+                   "when there is a task bundle (-1: at the end only; 0: never)")  # fmt: skip
+    g.add_argument("--core-metric-max-per-task", type=count_or_all, default=500, help="examples per CORE task "
+                   "(-1: all)")  # fmt: skip
+    g.add_argument("--core-bundle", default=None, help="CORE task bundle directory, as scripts.base_eval reads "
+                   "(default: <base_dir>/eval_bundle if there is one)")  # fmt: skip
     g.add_argument("--save-every", type=every_steps, default=-1, help="save every N steps and at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="how many recent checkpoints to keep")
     g.add_argument("--resume-from-step", type=checkpoint_step, default=-1, help="resume from this step's checkpoint")

@@ -30,11 +30,15 @@ BUNDLE = Path(__file__).parent / "data" / "core_bundle"
 
 @pytest.fixture(scope="module")
 def trained(tiny_base, tmp_path_factory):
-    """A copy of tiny_base with a 3-step checkpoint (tag tiny) whose final val bpb used 512 tokens."""
+    """A copy of tiny_base with a 3-step checkpoint (tag tiny) whose final val bpb used 512 tokens, and whose
+    run evaluated CORE on 3 examples a task at steps 2 and 3."""
     base = tmp_path_factory.mktemp("eval_base")
     for name in ("base_data", "tokenizer"):
         shutil.copytree(tiny_base / name, base / name)
-    args = pretrain_script.parse_args([*TINY_RUN, "--num-iterations=3", "--model-tag=tiny", f"--base-dir={base}"])
+    core = [f"--core-bundle={BUNDLE}", "--core-metric-every=2", "--core-metric-max-per-task=3"]
+    args = pretrain_script.parse_args(
+        [*TINY_RUN, *core, "--num-iterations=3", "--model-tag=tiny", f"--base-dir={base}"]
+    )
     pretrain(args, base, ["alpha"])
     return base
 
@@ -138,6 +142,16 @@ def test_core_is_the_mean_centered_accuracy(loaded):
         assert r.centered == pytest.approx((r.accuracy - t.random_baseline) / (1 - t.random_baseline))
     assert core == pytest.approx(np.mean([r.centered for r in results]))
     assert [t.random_baseline for t in tasks] == [0.25, 0.5, 0.0] and tasks[0].delimiter == "\nAnswer: "
+
+
+def test_pretraining_evaluates_core_as_base_eval_does(trained, loaded):
+    model, meta, tok = loaded
+    history = meta["loop_state"]["history"]["core_metric"]  # on 8 devices, during the run
+    assert [step for step, _ in history] == [2, 3]
+    core, _ = core_eval.evaluate_core(model, tok, core_eval.load_bundle(BUNDLE), max_per_task=3, log=lambda *a: None)
+    assert history[-1][1] == pytest.approx(core)  # the saved step-3 model, on one device
+    report = (trained / "base_checkpoints" / "tiny" / "report.md").read_text()
+    assert f"| CORE metric | {history[0][1]:.4f} (step 2), {core:.4f} (step 3) |" in report
 
 
 def test_val_bpb_equals_trainings(trained, loaded):

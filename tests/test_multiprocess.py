@@ -15,6 +15,9 @@ from conftest import TINY_RUN
 REPO = Path(__file__).resolve().parents[1]
 # 4 devices in all, each 1 row of 32 tokens: total 512 = 4 micro-steps. Two data readers in both runs.
 FLAGS = [*TINY_RUN, "--num-iterations=4", "--data-readers=2", "--eval-tokens=256"]
+# CORE at the end, every process scoring every item (tests/data/core_bundle: 3 tasks, 3 items each).
+CORE = [f"--core-bundle={REPO / 'tests' / 'data' / 'core_bundle'}", "--core-metric-every=-1",
+        "--core-metric-max-per-task=3"]  # fmt: skip
 
 
 def launch(base, tag, devices, process_id=None, port=None, *extra):
@@ -30,14 +33,16 @@ def launch(base, tag, devices, process_id=None, port=None, *extra):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def losses(proc) -> list[float]:
+def losses(proc) -> tuple[list[float], list[float]]:
+    """The logged train losses and CORE metrics of a run that must succeed."""
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         proc.kill()
         out = proc.communicate()[0]
     assert proc.returncode == 0, out[-3000:]
-    return [float(m[1]) for m in re.finditer(r"step \d+/\d+ .*?\| loss ([\d.]+)", out)]
+    train = [float(m[1]) for m in re.finditer(r"step \d+/\d+ .*?\| loss ([\d.]+)", out)]
+    return train, [float(m[1]) for m in re.finditer(r"step \d+ \| CORE metric (-?[\d.]+)", out)]
 
 
 def free_port() -> int:
@@ -48,11 +53,12 @@ def free_port() -> int:
 
 def test_two_processes_equal_one_process_with_four_devices(tiny_base):
     port = free_port()
-    procs = [launch(tiny_base, "two", 2, i, port) for i in (0, 1)]
-    two = [losses(p) for p in procs]
-    one = losses(launch(tiny_base, "one", 4))
-    assert len(one) == 4 and two[1] == []  # one log, process 0's
-    np.testing.assert_allclose(two[0], one, atol=2e-6)
+    procs = [launch(tiny_base, "two", 2, i, port, *CORE) for i in (0, 1)]
+    (two, two_core), (other, other_core) = (losses(p) for p in procs)
+    one, one_core = losses(launch(tiny_base, "one", 4, None, None, *CORE))
+    assert len(one) == 4 and other == other_core == []  # one log, process 0's
+    np.testing.assert_allclose(two, one, atol=2e-6)
+    assert len(one_core) == 1 and two_core == one_core
     assert (tiny_base / "base_checkpoints" / "two" / "4").is_dir()
 
 

@@ -321,6 +321,24 @@ def test_ids_outside_the_vocab_are_refused_before_the_device_sees_them():
             stack_micro_batches(iter([ok, bad]), 2, vocab_size=10)
 
 
+def test_core_needs_a_bundle_checked_before_training(tiny_base, tmp_path, monkeypatch, capsys):
+    class ModelMade(Exception):
+        pass
+
+    def init_state(*args, **kwargs):
+        raise ModelMade
+
+    monkeypatch.setattr("nanojax.train.init_state", init_state)
+    with pytest.raises(UserError, match=f"no core.yaml in {tmp_path}: a CORE bundle holds core.yaml"):
+        run(tiny_base, "--num-iterations=1", f"--core-bundle={tmp_path}")  # refused before the model is made
+    with pytest.raises(ModelMade):  # no bundle in the base dir: a note, and the run goes on
+        run(tiny_base, "--num-iterations=1")
+    assert f"CORE is not evaluated: no task bundle at {tiny_base / 'eval_bundle'}" in capsys.readouterr().out
+    with pytest.raises(ModelMade):  # never: the bundle is not even read
+        run(tiny_base, "--num-iterations=1", f"--core-bundle={tmp_path}", "--core-metric-every=0")
+    assert "CORE" not in capsys.readouterr().out
+
+
 def test_one_run_at_a_time_per_model_tag(tiny_base, monkeypatch):
     monkeypatch.setattr("nanojax.train.init_state", None)  # refused before the model is even made
     with claimed(tiny_base / "base_checkpoints" / "busy"):
