@@ -2,7 +2,6 @@
 each) gives the losses of one process with 4 devices: how a multi-host run is known to work before it
 meets a cluster."""
 
-import os
 import re
 import socket
 import subprocess
@@ -10,7 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import TINY_RUN
+from conftest import TINY_RUN, script_env
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 devices in all, each 1 row of 32 tokens: total 512 = 4 micro-steps. Two data readers in both runs.
@@ -21,8 +20,7 @@ CORE = [f"--core-bundle={REPO / 'tests' / 'data' / 'core_bundle'}", "--core-metr
 
 
 def launch(base, tag, devices, process_id=None, port=None, *extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env |= {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = script_env(devices)
     if process_id is not None:
         env |= {
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",

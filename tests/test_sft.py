@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, script_env
 
 from nanojax import chat
 from nanojax.checkpoint import Checkpoints
@@ -126,11 +126,6 @@ def test_sft_resume_continues_exactly(base, capsys):
 # --- scripts.chat_cli -----------------------------------------------------------------------------
 
 
-def cli_env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    return env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-
-
 def read_until(fd, marker: str, out: list, timeout=120.0) -> str:
     """Read the terminal until `marker` follows everything read so far (or EOF); return the new text."""
     start, seen = len("".join(out)), ""
@@ -153,7 +148,7 @@ def read_until(fd, marker: str, out: list, timeout=120.0) -> str:
 def test_chat_cli_answers_two_turns_in_a_terminal(finetuned, base):
     master, slave = pty.openpty()
     cmd = [sys.executable, "-m", "scripts.chat_cli", f"--base-dir={base}", "--model-tag=chat", "--max-tokens=6"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     out = []
     try:
@@ -176,6 +171,6 @@ def test_chat_cli_answers_two_turns_in_a_terminal(finetuned, base):
 
 def test_chat_cli_one_shot_prompt(finetuned, base):
     cmd = [sys.executable, "-m", "scripts.chat_cli", f"--base-dir={base}", "--model-tag=chat", "-p", "Hi!", "-t", "0"]
-    done = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "chatsft_checkpoints" in done.stderr and "User:" not in done.stdout and done.stdout.endswith("\n")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, script_env
 from flax import nnx
 
 from nanojax import dataset
@@ -290,10 +290,10 @@ def test_a_damaged_optimizer_state_is_one_line_on_stderr(tiny_base):
     step_dir = tiny_base / "base_checkpoints" / "torn" / "1"
     biggest = max((step_dir / "opt_state").rglob("d/*"), key=lambda f: f.stat().st_size)
     os.truncate(biggest, 100)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "scripts.pretrain", *TINY_RUN, f"--base-dir={tiny_base}", "--num-iterations=2",
            "--model-tag=torn", "--resume-from-step=1"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=script_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     assert done.returncode == 2
     assert re.fullmatch(f"error: checkpoint at {step_dir} could not be read, .*available: none\\)\n", done.stderr)
 
