@@ -1,7 +1,7 @@
 """Chat evaluation, as nanochat's chat_eval: a chat model's accuracy on tasks, and ChatCORE.
 
 A task is a list of conversations whose last message is the assistant's reference answer, of one of
-nanochat's two kinds:
+nanochat's kinds:
 - categorical (its ARC and MMLU): the item lists its answer "letters" and the reference is one of them.
   One forward pass per item; the model's answer is the letter with the highest logit where its answer
   would start (the letters alone compete, as in nanochat).
@@ -9,6 +9,9 @@ nanochat's two kinds:
   item passes when one of its samples' final text (after the last tool call) agrees with the reference's:
   the same last number when the reference's has one (GSM8K's "#### 72", "The answer is 42."), else the
   same text, case and spacing aside.
+- code (its HumanEval): a generative item with a "test" (Python that raises when the answer is wrong,
+  and "entry_point", the function to check, when the tests define check(candidate) as HumanEval's do)
+  passes when a sample's code passes the tests, run by a fresh Python (see passes_tests).
 
 Built-in tasks are drawn from the generator of the default finetuning set (chat.generate_task), with
 another seed than the set's; the user's own are JSONL files, a conversation per line as chat_sft reads
@@ -17,7 +20,13 @@ for categorical tasks, 0 for generative), over the tasks evaluated.
 """
 
 import json
+import os
 import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +43,7 @@ from nanojax.engine import bucket
 @dataclass
 class Task:
     name: str
-    items: list[dict]  # {"messages": [...], "letters"?: [...]}
+    items: list[dict]  # {"messages": [...], "letters"?: [...], "test"?: code, "entry_point"?: name}
     categorical: bool
 
     @property
@@ -88,7 +97,16 @@ def read_task(name: str, path, flag: str | None = None) -> Task:
                 raise UserError(f'{where}: "letters" must list two or more answer letters')
             if messages[-1]["content"] not in letters:
                 raise UserError(f"{where}: the answer {messages[-1]['content']!r} is not one of the letters {letters}")
-        items.append({"messages": messages, "letters": letters})
+        test, entry_point = (record.get(key) if isinstance(record, dict) else None for key in ("test", "entry_point"))
+        if test is not None and not isinstance(test, str):
+            raise UserError(f'{where}: "test" must be Python code (a string)')
+        if entry_point is not None and not (isinstance(entry_point, str) and entry_point.isidentifier()):
+            raise UserError(f'{where}: "entry_point" must name the function the tests check')
+        if entry_point is not None and test is None:
+            raise UserError(f'{where}: "entry_point" without a "test" to check it')
+        if letters is not None and test is not None:
+            raise UserError(f'{where}: an item has "letters" (categorical) or a "test" (code), not both')
+        items.append({"messages": messages, "letters": letters, "test": test, "entry_point": entry_point})
     if not items:
         raise UserError(f"{flag}: {path} holds no conversations")
     kinds = {item["letters"] is not None for item in items}
@@ -159,8 +177,13 @@ def sample_answers(engine, task: Task, i: int, num_samples: int, **sampling) -> 
     sequences, masks = engine.generate_batch(
         prompt, num_samples, **sampling | {"max_tokens": min(sampling["max_tokens"], room)}
     )
-    reference = final_text(item["messages"][-1]["content"])
-    rewards = [float(agrees(answer_text(tokenizer, s[len(prompt) :]), reference)) for s in sequences]
+    texts = [answer_text(tokenizer, s[len(prompt) :]) for s in sequences]
+    if item.get("test") is not None:  # code: run against the item's tests
+        question = final_text(next(m["content"] for m in item["messages"] if m["role"] == "user"))
+        rewards = [float(passes_tests(question, text, item["test"], item.get("entry_point"))) for text in texts]
+    else:
+        reference = final_text(item["messages"][-1]["content"])
+        rewards = [float(agrees(text, reference)) for text in texts]
     return Answers(sequences, masks, rewards)
 
 
@@ -203,6 +226,36 @@ def _number(text: str) -> float:
 
 def _words(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".")
+
+
+CODE_BLOCK = re.compile(r"```(?:python)?[^\n]*\n(.*?)```", re.DOTALL)
+CODE_TIMEOUT_S = 10.0
+
+
+def passes_tests(prompt: str, answer: str, test: str, entry_point: str | None = None, timeout=CODE_TIMEOUT_S) -> bool:
+    """Whether an answer's code passes an item's tests, as nanochat scores HumanEval: the prompt's import
+    lines, the answer's first ```python block (else all of it), the tests, then check(entry_point) if the
+    item names one. A fresh Python runs it in an empty temporary folder with 2 GiB of memory and `timeout`
+    seconds; it passes when it prints a random token written after the tests. Like nanochat's, this runs
+    the model's code on this machine: it is a guard against accidents, not a sandbox."""
+    imports = [line for line in prompt.splitlines() if line.startswith(("import ", "from "))]
+    code = match[1] if (match := CODE_BLOCK.search(answer)) else answer
+    done = secrets.token_hex(8)  # an early exit(0) in the answer does not print it
+    program = "\n".join([
+        "import resource",
+        "resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31))",
+        *imports, "", code, "", test, f"check({entry_point})" if entry_point else "", f"print({done!r})",
+    ])  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.Popen([sys.executable, "-I", "-c", program], cwd=folder, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # and whatever it started
+            proc.communicate()
+            return False
+    return proc.returncode == 0 and out.decode(errors="replace").rstrip().endswith(done)
 
 
 def report_lines(step: int, source: str, results: list[TaskResult]) -> list[str]:

@@ -9,7 +9,9 @@ they test what that set teaches): Arithmetic (with calculator calls), SpellingBe
 word), Spelling. Your own: --task NAME=FILE, a JSONL of conversations as chat_sft reads them whose last
 message is the reference answer; items with "letters" (e.g. ["A", "B", "C", "D"], the answer one of
 them) are scored as nanochat scores ARC and MMLU, by the answer letter's logit; the others by sampling
-an answer, as GSM8K, which passes when its final text gives the reference's last number (or its text).
+an answer, as GSM8K, which passes when its final text gives the reference's last number (or its text);
+items with a "test" (Python; and "entry_point", as HumanEval's) pass when the answer's code passes it,
+run by a fresh Python on this machine with a time and memory limit, as nanochat runs HumanEval.
 nanochat's task items, exported to JSONL, read as they are. The results are printed and appended to
 <checkpoint dir>/report.md.
 """

@@ -75,6 +75,10 @@ def test_task_files_are_checked_line_by_line(tmp_path):
         ([{"messages": question("x", "A"), "letters": ["A"]}], 'mc.jsonl:1: "letters" must list two or more'),
         ([{"messages": [{"role": "user", "content": "x"}]}], "mc.jsonl:1: no assistant message"),
         ([{"messages": [*question("x", "y"), {"role": "user", "content": "z"}]}], "mc.jsonl:1: the last message"),
+        ([{"messages": question("x", "y"), "test": ["assert 1"]}], 'mc.jsonl:1: "test" must be Python code'),
+        ([{"messages": question("x", "y"), "test": "", "entry_point": "f()"}], '"entry_point" must name the function'),
+        ([{"messages": question("x", "y"), "entry_point": "f"}], 'mc.jsonl:1: "entry_point" without a "test"'),
+        ([{**good, "test": "assert 1"}], 'mc.jsonl:1: an item has "letters" .* or a "test" .*, not both'),
     ]
     for records, match in cases:
         with pytest.raises(UserError, match=match):
@@ -84,6 +88,48 @@ def test_task_files_are_checked_line_by_line(tmp_path):
         chat_eval.read_task("mc", tmp_path / "bad.jsonl")
     with pytest.raises(UserError, match="--task mc: no file"):
         chat_eval.read_task("mc", tmp_path / "missing.jsonl")
+
+
+HUMANEVAL_LIKE = {  # the shape of nanochat's HumanEval items: a prompt to complete, check(candidate) tests
+    "prompt": 'from math import sqrt\n\n\ndef hypot(a, b):\n    """The hypotenuse."""\n',
+    "test": "def check(candidate):\n    assert candidate(3, 4) == 5\n    assert candidate(5, 12) == 13\n",
+    "entry_point": "hypot",
+}
+
+
+@pytest.mark.parametrize(
+    "answer, ok",
+    [
+        ("def hypot(a, b):\n    return sqrt(a * a + b * b)", True),  # the prompt's import comes along
+        ("Here it is:\n```python\ndef hypot(a, b):\n    return (a * a + b * b) ** 0.5\n```\nDone.", True),
+        ("def hypot(a, b):\n    return a + b", False),
+        ("def hypot(a, b):\n    return sqrt(a * a + b * b", False),  # a syntax error
+        ("import os\nos._exit(0)", False),  # leaving early, with success, is not passing
+        ("while True:\n    pass", False),  # stopped at the time limit
+        ("x = bytearray(2**32)", False),  # past the memory limit
+    ],
+)
+def test_code_answers_pass_when_their_program_passes_the_tests(answer, ok):
+    item = HUMANEVAL_LIKE
+    assert chat_eval.passes_tests(item["prompt"], answer, item["test"], item["entry_point"], timeout=3) is ok
+
+
+def test_code_items_are_scored_by_running_the_samples(tok, tmp_path):
+    """Through sample_answers (as chat_eval and chat_rl call it), on answers given by a stand-in engine."""
+    reference = "def hypot(a, b):\n    return sqrt(a * a + b * b)"
+    record = {"messages": question(HUMANEVAL_LIKE["prompt"], reference), "test": HUMANEVAL_LIKE["test"],
+              "entry_point": "hypot"}  # fmt: skip
+    task = chat_eval.read_task("code", write_jsonl(tmp_path / "code.jsonl", [record]))
+
+    class Said:  # answers the reference, then a wrong function
+        tokenizer, max_positions = tok, 10_000
+
+        def generate_batch(self, prompt, num_samples, **sampling):
+            said = [reference, "def hypot(a, b):\n    return 0"]
+            return [prompt + tok.encode(text) for text in said], [[0] * len(prompt) + [1] * 9] * num_samples
+
+    answers = chat_eval.sample_answers(Said(), task, 0, 2, max_tokens=64, temperature=0.0, top_k=50, seed=0)
+    assert not task.categorical and answers.rewards == [1.0, 0.0]
 
 
 def test_categorical_items_are_scored_by_the_letter_logits_at_the_answer(tok, model):
