@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from tqdm import tqdm
 
 from nanojax.common import UserError
 from nanojax.engine import CalculatorTool, bucket, greedy, prompt_ids
@@ -296,7 +297,10 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, max_per_task: int = -1)
     random.Random(SHUFFLE_SEED).shuffle(items)  # datasets often come sorted; a fixed seed keeps subsets fixed
     if max_per_task > 0:
         items = items[:max_per_task]
-    correct = sum(evaluate_example(scorer, tokenizer, task, items, i)[0] for i in range(len(items)))
+    # A bar in a terminal (disable=None), on process 0 only: a task of 500 items takes a while on a CPU.
+    quiet = True if jax.process_index() != 0 else None
+    bar = tqdm(range(len(items)), desc=task.label, unit="item", leave=False, disable=quiet)
+    correct = sum(evaluate_example(scorer, tokenizer, task, items, i)[0] for i in bar)
     accuracy = correct / max(len(items), 1)
     centered = (accuracy - task.random_baseline) / (1.0 - task.random_baseline)
     return TaskResult(task.label, task.task_type, task.num_fewshot, len(items), accuracy, centered)
