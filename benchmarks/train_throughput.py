@@ -125,6 +125,8 @@ def main():
                         help="opt-in: XLA CPU's YNNPACK matmuls (fast bfloat16; not float32-faithful)")  # fmt: skip
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per row (the median is reported)")
     parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps after the first")
+    parser.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
+                        help="the second table: the optimizer update against one forward+backward")  # fmt: skip
     args = parser.parse_args()
     batch_sizes, dtypes = args.device_batch_size or [1, 8], args.dtype or ["float32"]
     attentions = args.attention or ["auto"]
@@ -175,6 +177,8 @@ def main():
               f"{peak_memory_bytes() / 2**20:>8,.0f} "
               f"{flops_per_token * tok_s / 1e9:>8,.1f} {mfu:>6}")  # fmt: skip
 
+    if not args.parts:
+        return
     # The optimizer alone vs one forward+backward of a 1 x T row: where a batch-1 step's time goes.
     print()
     print(f"optimizer update vs forward+backward (1 x {T} tokens)")
