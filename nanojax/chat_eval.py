@@ -19,7 +19,9 @@ them, plus "letters" for categorical items. ChatCORE is the mean accuracy centre
 for categorical tasks, 0 for generative), over the tasks evaluated.
 """
 
+import contextlib
 import json
+import keyword
 import os
 import re
 import secrets
@@ -100,10 +102,16 @@ def read_task(name: str, path, flag: str | None = None) -> Task:
         test, entry_point = (record.get(key) if isinstance(record, dict) else None for key in ("test", "entry_point"))
         if test is not None and not isinstance(test, str):
             raise UserError(f'{where}: "test" must be Python code (a string)')
-        if entry_point is not None and not (isinstance(entry_point, str) and entry_point.isidentifier()):
+        if test is not None and not test.strip():
+            raise UserError(f'{where}: "test" is empty: every answer would pass it')
+        named = isinstance(entry_point, str) and entry_point.isidentifier() and not keyword.iskeyword(entry_point)
+        if entry_point is not None and not named:
             raise UserError(f'{where}: "entry_point" must name the function the tests check')
         if entry_point is not None and test is None:
             raise UserError(f'{where}: "entry_point" without a "test" to check it')
+        if test is not None and entry_point is None and re.search(r"^def check\(", test, re.MULTILINE):
+            raise UserError(f'{where}: the "test" defines check(candidate) but no "entry_point" names the function '
+                            "to pass it (HumanEval's items have one)")  # fmt: skip
         if letters is not None and test is not None:
             raise UserError(f'{where}: an item has "letters" (categorical) or a "test" (code), not both')
         items.append({"messages": messages, "letters": letters, "test": test, "entry_point": entry_point})
@@ -155,7 +163,8 @@ def run_generative(engine, task: Task, *, num_samples=1, max_tokens=512, tempera
                                  top_k=top_k, seed=seed + i)  # fmt: skip
         passed += any(answers.rewards)
         bar.set_postfix(passed=f"{passed}/{i + 1}")
-    return TaskResult(task.name, "generative", passed, len(task.items), task.chance)
+    kind = "code" if all(item.get("test") is not None for item in task.items) else "generative"
+    return TaskResult(task.name, kind, passed, len(task.items), task.chance)
 
 
 @dataclass
@@ -233,29 +242,46 @@ CODE_TIMEOUT_S = 10.0
 
 
 def passes_tests(prompt: str, answer: str, test: str, entry_point: str | None = None, timeout=CODE_TIMEOUT_S) -> bool:
-    """Whether an answer's code passes an item's tests, as nanochat scores HumanEval: the prompt's import
-    lines, the answer's first ```python block (else all of it), the tests, then check(entry_point) if the
-    item names one. A fresh Python runs it in an empty temporary folder with 2 GiB of memory and `timeout`
-    seconds; it passes when it prints a random token written after the tests. Like nanochat's, this runs
-    the model's code on this machine: it is a guard against accidents, not a sandbox."""
-    imports = [line for line in prompt.splitlines() if line.startswith(("import ", "from "))]
+    """Whether an answer's code passes an item's tests, as nanochat scores HumanEval: the imports that open
+    the prompt, the answer's first ```python block (else all of it), the tests, then check(entry_point) if
+    the item names one. A fresh Python runs it in an empty temporary folder, with 2 GiB of memory, 16 MiB of
+    output and `timeout` seconds; it passes when it prints a random token written after the tests. Whatever
+    it started is killed when it ends, passed or not. Like nanochat's, this runs the model's code on this
+    machine: a guard against accidents, not a sandbox."""
     code = match[1] if (match := CODE_BLOCK.search(answer)) else answer
     done = secrets.token_hex(8)  # an early exit(0) in the answer does not print it
     program = "\n".join([
         "import resource",
         "resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31))",
-        *imports, "", code, "", test, f"check({entry_point})" if entry_point else "", f"print({done!r})",
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2**24, 2**24))",
+        *opening_imports(prompt), "", code, "", test, f"check({entry_point})" if entry_point else "",
+        f"print({done!r})",
     ])  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
-        proc = subprocess.Popen([sys.executable, "-I", "-c", program], cwd=folder, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        output = Path(folder) / "output"
+        with output.open("wb") as out:  # a file, not a pipe: nothing left running can keep us waiting on it
+            proc = subprocess.Popen([sys.executable, "-I", "-c", program], cwd=folder, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         try:
-            out, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # and whatever it started
-            proc.communicate()
             return False
-    return proc.returncode == 0 and out.decode(errors="replace").rstrip().endswith(done)
+        finally:  # also on Ctrl-C, which the program's own session does not get
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return proc.returncode == 0 and output.read_bytes()[-64:].decode(errors="replace").rstrip().endswith(done)
+
+
+def opening_imports(prompt: str) -> list[str]:
+    """The import lines a prompt opens with (comments and blank lines aside), as nanochat's extract_imports."""
+    imports = []
+    for line in map(str.strip, prompt.splitlines()):
+        if line.startswith(("import ", "from ")):
+            imports.append(line)
+        elif line and not line.startswith("#"):
+            break
+    return imports
 
 
 def report_lines(step: int, source: str, results: list[TaskResult]) -> list[str]:

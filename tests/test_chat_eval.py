@@ -7,6 +7,11 @@ Run: python -m pytest -q tests/test_chat_eval.py
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,7 +81,13 @@ def test_task_files_are_checked_line_by_line(tmp_path):
         ([{"messages": [{"role": "user", "content": "x"}]}], "mc.jsonl:1: no assistant message"),
         ([{"messages": [*question("x", "y"), {"role": "user", "content": "z"}]}], "mc.jsonl:1: the last message"),
         ([{"messages": question("x", "y"), "test": ["assert 1"]}], 'mc.jsonl:1: "test" must be Python code'),
-        ([{"messages": question("x", "y"), "test": "", "entry_point": "f()"}], '"entry_point" must name the function'),
+        ([{"messages": question("x", "y"), "test": "pass", "entry_point": "f()"}], '"entry_point" must name the'),
+        ([{"messages": question("x", "y"), "test": "pass", "entry_point": "import"}], '"entry_point" must name the'),
+        ([{"messages": question("x", "y"), "test": " \n"}], 'mc.jsonl:1: "test" is empty: every answer would pass'),
+        (
+            [{"messages": question("x", "y"), "test": "def check(candidate):\n    pass"}],
+            'defines check.* no "entry_point"',
+        ),
         ([{"messages": question("x", "y"), "entry_point": "f"}], 'mc.jsonl:1: "entry_point" without a "test"'),
         ([{**good, "test": "assert 1"}], 'mc.jsonl:1: an item has "letters" .* or a "test" .*, not both'),
     ]
@@ -114,6 +125,53 @@ def test_code_answers_pass_when_their_program_passes_the_tests(answer, ok):
     assert chat_eval.passes_tests(item["prompt"], answer, item["test"], item["entry_point"], timeout=3) is ok
 
 
+def test_only_the_imports_a_prompt_opens_with_are_kept():
+    prompt = "from math import sqrt\n# a comment\n\nimport os\nComplete this.\nfrom a list, the largest:\nimport re"
+    assert chat_eval.opening_imports(prompt) == ["from math import sqrt", "import os"]  # nanochat's extract_imports
+
+
+def gone(pid: int) -> bool:
+    """No such process, or a zombie left for an init that does not reap (as in some containers), within the
+    few seconds a SIGKILL may take to land on a loaded machine."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_what_code_answers_start_neither_outlives_nor_holds_up_the_scoring(tmp_path):
+    pid_file = tmp_path / "pid"
+    spawn = (
+        f"import subprocess\np = subprocess.Popen(['sleep', '60'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+    )
+    assert chat_eval.passes_tests("", spawn + "def f():\n    return 1", "assert f() == 1", timeout=5)
+    assert gone(int(pid_file.read_text()))  # a passing answer's leftovers are killed too
+    detached = "import subprocess\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\nwhile True:\n    pass"
+    flood = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)"
+    for answer in (detached, flood):  # one keeps stdout open past the time limit, one fills it
+        start = time.monotonic()
+        assert not chat_eval.passes_tests("", answer, "", timeout=2)
+        assert time.monotonic() - start < 20  # not the 60 s of the sleep
+
+
+def test_ctrl_c_while_code_runs_kills_it(tmp_path):
+    pid_file = tmp_path / "pid"
+    answer = f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\nwhile True:\n    pass"
+    runner = f"from nanojax.chat_eval import passes_tests\npasses_tests('', {answer!r}, '', timeout=60)"
+    proc = subprocess.Popen([sys.executable, "-c", runner], cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert b"KeyboardInterrupt" in proc.communicate(timeout=30)[1]
+    assert gone(int(pid_file.read_text()))
+
+
 def test_code_items_are_scored_by_running_the_samples(tok, tmp_path):
     """Through sample_answers (as chat_eval and chat_rl call it), on answers given by a stand-in engine."""
     reference = "def hypot(a, b):\n    return sqrt(a * a + b * b)"
@@ -130,6 +188,8 @@ def test_code_items_are_scored_by_running_the_samples(tok, tmp_path):
 
     answers = chat_eval.sample_answers(Said(), task, 0, 2, max_tokens=64, temperature=0.0, top_k=50, seed=0)
     assert not task.categorical and answers.rewards == [1.0, 0.0]
+    result = chat_eval.run_generative(Said(), task, num_samples=2, max_tokens=64, progress=False)
+    assert (result.kind, result.passed, result.total) == ("code", 1, 1)  # one sample of two passing is a pass
 
 
 def test_categorical_items_are_scored_by_the_letter_logits_at_the_answer(tok, model):
