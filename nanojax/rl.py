@@ -30,7 +30,7 @@ from nanojax.model import GPTConfig
 from nanojax.optim import Schedule
 from nanojax.runs import check_run_folder, claimed, set_aside_previous_run
 from nanojax.sharding import batch_sharding, global_batch, make_mesh, multi_process_env, replicated
-from nanojax.train import OptimSettings, fmt_time, init_state
+from nanojax.train import OptimSettings, StopRequest, fmt_time, init_state
 
 
 @dataclass
@@ -187,6 +187,7 @@ def reinforce(config: GPTConfig, base_params, tokenizer, train_task: Task, val_t
 
     with claimed(folder):
         check_run_folder(folder)  # a folder that is not a run's is refused now, not at the first save
+        stop = StopRequest(log)  # Ctrl-C: this step is finished and saved; a second one stops at once
         try:
             for step in range(num_steps):
                 if s.eval_every > 0 and step % s.eval_every == 0:
@@ -216,10 +217,17 @@ def reinforce(config: GPTConfig, base_params, tokenizer, train_task: Task, val_t
                     evaluate(num_steps)
                 if last or (s.save_every > 0 and (step + 1) % s.save_every == 0):
                     save(step + 1)
+                if stop.asked and not last:
+                    if saved[-1:] != [step + 1]:
+                        save(step + 1)
+                    raise Interrupted(f"stopped at step {step + 1}, saved in {ckpts.step_dir(step + 1)}")
         except KeyboardInterrupt:
-            where = f"steps {', '.join(map(str, saved))} are saved in {folder}" if saved else "no checkpoint was saved"
+            many = len(saved) > 1
+            where = (f"step{'s' if many else ''} {', '.join(map(str, saved))} {'are' if many else 'is'} saved in "
+                     f"{folder}" if saved else "no checkpoint was saved")  # fmt: skip
             raise Interrupted(f"interrupted: {where}") from None
         finally:
+            stop.restore()
             if ckpts:
                 ckpts.close()  # waits for pending saves
     return {"num_steps": num_steps, "history": history, "checkpoint_dir": str(folder), "params": params,

@@ -7,7 +7,8 @@
 Starts from the latest (or --model-step) checkpoint in <base_dir>/chatsft_checkpoints/<model tag>/
 and saves to <base_dir>/chatrl_checkpoints/<model tag>/ with report.md and reward.png. Each step
 samples --num-samples answers to each of --examples-per-step questions, rewards the answers that agree
-with the reference (see nanojax/chat_eval.py) and follows the policy gradient (nanojax/rl.py). pass@k
+with the reference, or whose code passes the item's "test" (see nanojax/chat_eval.py), and follows the
+policy gradient (nanojax/rl.py). Ctrl-C finishes the step in flight and saves it. pass@k
 on the held-out questions is logged every --eval-every steps. Tasks: a built-in one (--task, drawn from
 the default finetuning set's generator: training items with seed --seed + 2, held-out ones with
 chat_eval's seed 1), or your own JSONL conversations (--data, --val-data) ending in the reference answer.

@@ -4,8 +4,11 @@ objective and its zero update when every sample earns the same reward, and the s
 Run: python -m pytest -q tests/test_rl.py
 """
 
+import dataclasses
+import os
 import re
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -133,3 +136,15 @@ def test_ctrl_c_keeps_the_checkpoints_saved_and_names_them(tok, config, tmp_path
     with pytest.raises(Interrupted, match=f"interrupted: steps 1, 2 are saved in {tmp_path / 'rl'}"):
         rl.reinforce(config, None, tok, task, task, groups, settings, tmp_path / "rl", {})
     assert Checkpoints(tmp_path / "rl").steps() == [1, 2]
+
+    def ctrl_c_while_sampling(*args, **kwargs):  # as a terminal's Ctrl-C: the step goes on, then is saved
+        calls.append(1)
+        if len(calls) == 5:  # step 2 of this run
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "rollout", ctrl_c_while_sampling)
+    settings = dataclasses.replace(settings, save_every=-1)  # at the end only: the stop saves its step
+    with pytest.raises(Interrupted, match=f"stopped at step 2, saved in {tmp_path / 'again' / '2'}"):
+        rl.reinforce(config, None, tok, task, task, groups, settings, tmp_path / "again", {})
+    assert Checkpoints(tmp_path / "again").steps() == [2]
