@@ -51,9 +51,7 @@ def write_report(folder, summary: dict, title: str = "nanojax training report") 
         "![loss](loss.png)",
         "",
     ]
-    path = folder / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return _write(folder / "report.md", lines)
 
 
 def append_report(folder, lines: list[str]) -> Path:
@@ -105,6 +103,16 @@ def write_rl_report(folder, summary: dict, title: str) -> Path:
     table += [f"| {step} | " + " | ".join(f"{p:.4f}" for p in ps) + " |" for step, ps in passk]
     lines = [f"# {title}", "", f"{summary['num_steps']} steps; held-out pass@k (temperature 1):", "", *table]
     lines += ["", "## Command line", "", f"`{summary['user_config']}`", "", "![reward](reward.png)", ""]
-    path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    return _write(folder / "report.md", lines)
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    """The run's report, whose last line is its plot; what evaluations appended (append_report) to the report
+    of the run this one resumed stays after it. (A fresh run's folder holds no report: an earlier run's
+    folder was moved aside.)"""
+    text = "\n".join(lines)
+    closing = lines[-2] + "\n"  # the plot's line
+    if path.is_file() and closing in (old := path.read_text(encoding="utf-8")):
+        text += old.split(closing, 1)[1]
+    path.write_text(text, encoding="utf-8")
     return path

@@ -24,6 +24,7 @@ from nanojax.common import Interrupted, UserError, cli
 from nanojax.model import GPT, GPTConfig, param_paths
 from nanojax.optim import Schedule, setup_groups
 from nanojax.pretrain import pretrain
+from nanojax.report import append_report
 from nanojax.runs import claimed, note_changed_settings
 from nanojax.sharding import make_mesh, tree_shardings
 from nanojax.tokenizer import Tokenizer, tokenizer_dir
@@ -237,7 +238,11 @@ def test_resume_continues_exactly(tiny_base):
     folder = Path(full["checkpoint_dir"])
     assert Checkpoints(folder).steps() == [3, 6]
     shutil.rmtree(folder / "6")
+    append_report(folder, ["## Base model evaluation, step 6", "", "| CORE | 0.0123 |"])  # as base_eval adds
     resumed = run(tiny_base, "--num-iterations=6", "--save-every=3", "--model-tag=resume", "--resume-from-step=3")
+    report = (folder / "report.md").read_text()  # written anew by the resumed run, what was appended kept
+    assert report.startswith("# nanojax pretraining report: resume\n") and report.count("| CORE | 0.0123 |") == 1
+    assert "![loss](loss.png)\n\n## Base model evaluation, step 6\n" in report
     assert resumed["history"].train_loss == full["history"].train_loss
     # Steps timed: 2-3 before the resume and 5-6 after; each start's first step is mostly compilation.
     assert Checkpoints(folder).read_metadata(6)["loop_state"]["timed_steps"] == 4
