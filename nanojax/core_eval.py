@@ -81,6 +81,9 @@ TASK_KEYS = ("label", "dataset_uri", "icl_task_type", "num_fewshot")  # what a c
 def load_bundle(bundle_dir) -> list[Task]:
     """The tasks of a bundle, in core.yaml's order."""
     bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise UserError(f"no CORE task bundle at {bundle_dir}: give the folder that holds core.yaml, "
+                        "eval_meta_data.csv and eval_data/")  # fmt: skip
     config_path, meta_path = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
     for path in (config_path, meta_path):
         if not path.is_file():

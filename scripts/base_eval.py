@@ -4,11 +4,11 @@
     python -m scripts.base_eval --model-tag d20 --step 5000 --eval-tokens 10485760 --max-per-task 500
     python -m scripts.base_eval --core-bundle ~/eval_bundle --source sft
 
-Reads <base_dir>/base_checkpoints/<model tag>/ (chatsft_checkpoints with --source sft), the tokenizer
-and the validation shard under <base_dir>. CORE reads a local task bundle in nanochat's eval_bundle
-layout (core.yaml, eval_meta_data.csv, eval_data/; see nanojax/core_eval.py): --core-bundle, else
-<base_dir>/eval_bundle when present; without one CORE is skipped. The results are printed and appended
-to <checkpoint dir>/report.md.
+Reads <base_dir>/base_checkpoints/<model tag>/ (chatsft_checkpoints with --source sft, chatrl_checkpoints
+with --source rl), the tokenizer and the validation shard under <base_dir>. CORE reads a local task
+bundle in nanochat's eval_bundle layout (core.yaml, eval_meta_data.csv, eval_data/; see
+nanojax/core_eval.py): --core-bundle, else <base_dir>/eval_bundle when present; without one CORE is
+skipped. The results are printed and appended to <checkpoint dir>/report.md.
 """
 
 import argparse

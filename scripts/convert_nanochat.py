@@ -10,7 +10,8 @@
 The latest step is converted unless --step (or --all-steps for a base dir). A base dir's tokenizer.pkl
 is read without running the pickle (anything but a tiktoken Encoding is refused) and saved as plain
 data; its base_data/ shards and eval_bundle/ are linked, not copied. Only weights are converted: the
-result samples and evaluates but does not resume training.
+result samples and evaluates but does not resume training. --to-nanochat writes the weights and metadata
+only: nanochat takes the tokenizer from its base dir, which must hold the one the model was trained with.
 """
 
 import argparse
@@ -50,6 +51,8 @@ def main(argv=None):
         print(f"converted {len(written)} checkpoint(s) into {base_dir}")
     elif args.to_nanochat:
         print(f"wrote {convert.to_nanochat_dir(args.src, args.out, args.step)}")
+        print("note: nanochat reads its tokenizer from its own base dir (tokenizer/tokenizer.pkl), not from the "
+              "checkpoint: use the model there only with the tokenizer it was trained with")  # fmt: skip
     else:
         step = convert.from_nanochat_dir(args.src, args.out, args.step)
         print(f"wrote {args.out}/{step}")

@@ -5,9 +5,10 @@
         --temperature 0.8 --top-k 50 --max-tokens 64 --num-samples 3 --seed 1
     python -m scripts.sample --source sft --prompt "Why is the sky blue?"
 
-Reads <base_dir>/base_checkpoints/<model tag>/ (chatsft_checkpoints with --source sft) and the
-tokenizer under <base_dir>/tokenizer/, which must be the one the model was trained with. Base models
-continue the prompt after <|bos|>; with --source sft the prompt is a user message and the model answers.
+Reads <base_dir>/base_checkpoints/<model tag>/ (chatsft_checkpoints with --source sft, chatrl_checkpoints
+with --source rl) and the tokenizer under <base_dir>/tokenizer/, which must be the one the model was trained
+with. Base models continue the prompt after <|bos|>; with --source sft or rl the prompt is a user message
+and the model answers.
 """
 
 import argparse

@@ -190,6 +190,8 @@ def test_bad_bundles(tmp_path, loaded, capsys):
         core_eval.load_bundle(tmp_path / "b")
     with pytest.raises(UserError, match="no core.yaml"):
         core_eval.load_bundle(tmp_path)
+    with pytest.raises(UserError, match=f"no CORE task bundle at {tmp_path / 'missing'}: give the folder that holds"):
+        core_eval.load_bundle(tmp_path / "missing")
     task = dataclasses.replace(core_eval.load_bundle(BUNDLE)[0], num_fewshot=5)
     with pytest.raises(UserError, match="asks for 5 shots but has 5 items: it needs at least 6"):
         core_eval.evaluate_core(model, tok, [task])
