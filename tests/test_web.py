@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, script_env
 from flax import nnx
 
 from nanojax.common import UserError
@@ -134,7 +134,8 @@ def test_the_script_serves_a_checkpoint_until_ctrl_c(tiny_base, tmp_path):
         shutil.copytree(tiny_base / name, tmp_path / name)
     pretrain(pretrain_script.parse_args([*TINY_RUN, "--num-iterations=1", f"--base-dir={tmp_path}"]), tmp_path, ["a"])
     cmd = [sys.executable, "-m", "scripts.chat_web", "--source=base", "--port=0", f"--base-dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = script_env(8, cache=False)  # its first two lines are read to the letter
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = [proc.stdout.readline() for _ in range(2)]  # the checkpoint, then the address
         assert "base_checkpoints/d2 step 1 |" in lines[0] and lines[1].startswith("nanojax chat on http://127.0.0.1:")
